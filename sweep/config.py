@@ -1,0 +1,540 @@
+"""Typed, strictly validated sweep configuration.
+
+A YAML file is bound to frozen dataclasses field by field: unknown keys, wrong types and
+out-of-range values are all gathered and reported at once (``ConfigError``) before Ray starts.
+Every field carries a comment that is the config reference (the README mirrors it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Invalid input; ``problems`` lists every problem found, each naming its key."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration{where}:\n{lines}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Hub id, local directory, or "pkg:<python package>" (the directory of an installed package).
+    name_or_path: str | None = None
+    # A GGUF file inside name_or_path (or an absolute path); dequantized once per sweep and cached.
+    gguf_file: str | None = None
+    # Build a randomly initialised model from this Hugging Face config dict (needs "model_type").
+    config: dict | None = None
+    # Tokenizer: hub id or directory; "byte" is a built-in byte-level tokenizer needing no files.
+    # Default: the model's own (name_or_path, gguf_file).
+    tokenizer: str | None = None
+    # Seed for the random initialisation of a config-built model.
+    init_seed: int = 0
+
+
+@dataclass(frozen=True)
+class TextSource:
+    # Where the text comes from: a local text file (verbatim), a datasets dataset (rows joined
+    # with "\n\n"), or the Python docs topics that ship with CPython (no download at all).
+    source: Literal["file", "dataset", "pydoc_topics"] = "dataset"
+    # source=file: path to a UTF-8 text file (relative paths are relative to the working directory).
+    path: str | None = None
+    # source=dataset: hub name or local directory for datasets.load_dataset.
+    dataset: str | None = "wikitext"
+    dataset_config: str | None = "wikitext-2-raw-v1"
+    split: str = "test"
+    text_field: str = "text"
+    # source=pydoc_topics: "train" is 9 of every 10 topics, "eval" every 10th, "all" everything.
+    part: Literal["all", "train", "eval"] = "all"
+    # Keep only the first max_chars characters (None: all).
+    max_chars: int | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Training text, tokenized once per sweep and packed into blocks of seq_len tokens.
+    train: TextSource = field(
+        default_factory=lambda: TextSource(source="dataset", split="train")
+    )
+    # Tokens per training sequence.
+    seq_len: int = 512
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    # Evaluation text (default: the WikiText-2 raw test split).
+    text: TextSource = field(default_factory=TextSource)
+    # Window length and stride in tokens (the contract's perplexity protocol).
+    token_length: int = 2048
+    stride: int = 2048
+    # Evaluate only the first K windows (None: all).
+    max_windows: int | None = None
+    # Windows per forward pass on each worker.
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    # Pruning criterion: per-layer weight magnitude, or Wanda (|W| x input activation norm).
+    method: Literal["magnitude", "wanda"] = "magnitude"
+    # Semi-structured N:M pattern such as "2:4" (None: unstructured).
+    pattern: str | None = None
+    # Wanda: calibration sequences (of data.seq_len tokens) drawn from the training text.
+    calibration_samples: int = 128
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Evaluations after epoch 0 (the baseline); one per epoch.
+    num_epochs: int = 1
+    # Samples per epoch, whatever the batch size: steps per epoch = ceil(base_samples / batch).
+    base_samples: int = 10000
+    # Learning rate at batch size 1; lr = base_lr * sqrt(batch_size) under lr_rule "sqrt".
+    base_lr: float = 5e-6
+    lr_rule: Literal["sqrt", "linear", "constant"] = "sqrt"
+    # Linear warmup over this fraction of all steps (0: none).
+    warmup_frac: float = 0.0
+    weight_decay: float = 0.0
+    # Clip the global gradient norm (None: no clipping).
+    max_grad_norm: float | None = 1.0
+    # Sequences per forward pass on one worker; gradients accumulate up to the global batch
+    # (None: the whole per-worker share in one pass).
+    micro_batch_size: int | None = None
+    # Seed of the data order and of everything random in a trial.
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    # Grid axes: every combination becomes one trial.
+    sparsity: tuple[float, ...] = (0.5,)
+    batch_size: tuple[int, ...] = (1,)
+    # Optional extra axes (default: prune.method / prune.pattern).
+    method: tuple[str, ...] | None = None
+    pattern: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    # Ray Train workers per trial (FSDP2 ranks); the global batch is split across them.
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    # Concurrent trials (None: as many as the cluster fits, each fully placed).
+    max_concurrent_trials: int | None = None
+    # CPU held by each trial's driver (the Tune function that runs its TorchTrainer): kept tiny so
+    # drivers never starve the workers (ray-notes: the resource deadlock).
+    driver_cpus: float = 0.01
+    # Torch threads per worker (None: cpus_per_worker rounded down, at least 1).
+    torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    # Also checkpoint every N optimizer steps inside an epoch (None: only at epoch ends).
+    every_steps: int | None = None
+    # Checkpoints kept per trial, besides the best one.
+    keep_last: int = 2
+    # Save the best model in Hugging Face format (safetensors) at the end of each trial.
+    export_best: bool = True
+
+
+@dataclass(frozen=True)
+class EarlyStopConfig:
+    # Trial scheduler on perplexity (mode min, time attribute: the trial's epoch).
+    scheduler: Literal["none", "asha"] = "none"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    # Plateau stop: stop after `plateau_patience` evaluations that each improve the best
+    # perplexity by less than plateau_min_rel_improvement (relative). None: off.
+    plateau_patience: int | None = None
+    plateau_min_rel_improvement: float = 0.01
+    # Divergence stop: loss NaN/inf, or perplexity above diverge_factor x baseline (None: NaN only).
+    diverge_factor: float | None = None
+
+
+@dataclass(frozen=True)
+class FailureConfig:
+    # Worker-group restarts from the latest checkpoint before a trial is marked errored.
+    worker_max_failures: int = 2
+    # Relaunches of a crashed trial driver.
+    trial_max_failures: int = 1
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    # Sweep name; SWEEP_DIR = <storage>/<name>.
+    name: str = "sweep"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    # Extra experiment trackers through Ray Tune's logger callbacks: "wandb", "mlflow".
+    loggers: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Binding YAML to dataclasses
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _bind(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
+    """Convert ``value`` to ``tp``; append a problem naming ``key`` when it does not fit."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+            return tp()
+        return _bind_dataclass(tp, value, key, problems)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        trial: list[str] = []
+        result = _bind(non_none[0], value, key, trial)
+        if trial:
+            problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return result
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            problems.append(f"{key}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if origin is tuple:
+        (item_tp, *_rest) = typing.get_args(tp)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_bind(item_tp, v, f"{key}[{i}]", problems) for i, v in enumerate(items))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this module
+
+
+def _bind_dataclass(cls: Any, data: dict, prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for unknown in sorted(set(data) - names):
+        where = f"{prefix}.{unknown}" if prefix else str(unknown)
+        problems.append(f"{where}: unknown key (allowed: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _bind(hints[f.name], data[f.name], key, problems)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides and loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.base_lr=1e-4"`` -> (["train", "base_lr"], 1e-4); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError([f"--set {item!r}: expected key=value"])
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError([f"--set {item!r}: empty key segment"])
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = _deepcopy(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if not isinstance(child, dict):
+                child = {}
+                node[p] = child
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def load_config_dict(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config file not found: {p}"])
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {e}"], str(p)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["top level must be a mapping of keys"], str(p))
+    return data
+
+
+def from_dict(data: dict, source: str | None = None, check_paths: bool = True) -> SweepConfig:
+    problems: list[str] = []
+    cfg = _bind_dataclass(SweepConfig, data, "", problems)
+    if not problems:
+        problems.extend(validate(cfg, check_paths=check_paths))
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(
+    path: str | os.PathLike, overrides: list[str] | None = None, check_paths: bool = True
+) -> SweepConfig:
+    data = apply_overrides(load_config_dict(path), overrides or [])
+    return from_dict(data, str(path), check_paths=check_paths)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain (YAML/JSON-able) form of a config: tuples become lists."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (tuple, list)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic checks: ranges, combinations and paths
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """``"2:4"`` -> (2, 4); raises ValueError unless 0 < N < M."""
+    try:
+        n_str, m_str = pattern.split(":")
+        n, m = int(n_str), int(m_str)
+    except (ValueError, AttributeError):
+        raise ValueError(f"{pattern!r} is not of the form N:M") from None
+    if not 0 < n < m:
+        raise ValueError(f"{pattern!r} needs 0 < N < M")
+    return n, m
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``pkg:<package>`` names the directory of an installed Python package."""
+    if name_or_path.startswith("pkg:"):
+        import importlib.util
+
+        spec = importlib.util.find_spec(name_or_path[4:])
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"Python package {name_or_path[4:]!r} is not installed")
+        return list(spec.submodule_search_locations)[0]
+    return name_or_path
+
+
+def _looks_local(s: str) -> bool:
+    return s.startswith(("/", "./", "../", "~", "pkg:")) or os.path.exists(s)
+
+
+def _check_text_source(src: TextSource, key: str, check_paths: bool) -> list[str]:
+    problems = []
+    if src.source == "file":
+        if not src.path:
+            problems.append(f"{key}.path: required when {key}.source is 'file'")
+        elif check_paths and not Path(src.path).expanduser().is_file():
+            problems.append(f"{key}.path: file not found: {src.path}")
+    elif src.source == "dataset":
+        if not src.dataset:
+            problems.append(f"{key}.dataset: required when {key}.source is 'dataset'")
+    if src.max_chars is not None and src.max_chars < 1:
+        problems.append(f"{key}.max_chars: must be >= 1, got {src.max_chars}")
+    return problems
+
+
+def _check_model(m: ModelConfig, check_paths: bool) -> list[str]:
+    problems = []
+    if m.config is None and not m.name_or_path:
+        problems.append("model.name_or_path: required (a hub id or a directory), or give model.config")
+    if m.config is not None:
+        if m.name_or_path:
+            problems.append("model.config: give either model.config or model.name_or_path, not both")
+        if "model_type" not in m.config:
+            problems.append("model.config.model_type: required to build a model from a config")
+        if m.tokenizer is None:
+            problems.append("model.tokenizer: required with model.config ('byte' needs no files)")
+    if m.name_or_path and check_paths and _looks_local(m.name_or_path):
+        try:
+            local = Path(resolve_model_path(m.name_or_path)).expanduser()
+        except FileNotFoundError as e:
+            problems.append(f"model.name_or_path: {e}")
+        else:
+            if not local.exists():
+                problems.append(f"model.name_or_path: path not found: {m.name_or_path}")
+            elif m.gguf_file and not (local / m.gguf_file).is_file():
+                problems.append(f"model.gguf_file: file not found: {local / m.gguf_file}")
+            elif not m.gguf_file and local.is_dir() and not (local / "config.json").is_file():
+                problems.append(
+                    f"model.name_or_path: {local} has no config.json (not a Hugging Face model directory)"
+                )
+    return problems
+
+
+def validate(cfg: SweepConfig, check_paths: bool = True) -> list[str]:
+    """Every range and combination problem, each naming its key."""
+    p: list[str] = []
+    if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
+        p.append(f"name: must be a non-empty directory name, got {cfg.name!r}")
+    p += _check_model(cfg.model, check_paths)
+    p += _check_text_source(cfg.data.train, "data.train", check_paths)
+    p += _check_text_source(cfg.eval.text, "eval.text", check_paths)
+    if cfg.data.seq_len < 2:
+        p.append(f"data.seq_len: must be >= 2, got {cfg.data.seq_len}")
+    e = cfg.eval
+    if e.token_length < 2:
+        p.append(f"eval.token_length: must be >= 2, got {e.token_length}")
+    if e.stride < 1:
+        p.append(f"eval.stride: must be >= 1, got {e.stride}")
+    elif e.stride > e.token_length:
+        p.append(
+            f"eval.stride: {e.stride} is larger than eval.token_length {e.token_length} "
+            "(tokens between windows would never be scored)"
+        )
+    if e.max_windows is not None and e.max_windows < 1:
+        p.append(f"eval.max_windows: must be >= 1, got {e.max_windows}")
+    if e.batch_size < 1:
+        p.append(f"eval.batch_size: must be >= 1, got {e.batch_size}")
+    if cfg.prune.calibration_samples < 1:
+        p.append(f"prune.calibration_samples: must be >= 1, got {cfg.prune.calibration_samples}")
+    for key, pat in [("prune.pattern", cfg.prune.pattern)] + [
+        (f"grid.pattern[{i}]", x) for i, x in enumerate(cfg.grid.pattern or ())
+    ]:
+        if pat is not None and pat != "none":
+            try:
+                parse_pattern(pat)
+            except ValueError as err:
+                p.append(f"{key}: {err}")
+    for i, m in enumerate(cfg.grid.method or ()):
+        if m not in ("magnitude", "wanda"):
+            p.append(f"grid.method[{i}]: {m!r} is not one of 'magnitude' | 'wanda'")
+    t = cfg.train
+    if t.num_epochs < 1:
+        p.append(f"train.num_epochs: must be >= 1, got {t.num_epochs}")
+    if t.base_samples < 1:
+        p.append(f"train.base_samples: must be >= 1, got {t.base_samples}")
+    if not t.base_lr > 0:
+        p.append(f"train.base_lr: must be > 0, got {t.base_lr}")
+    if not 0 <= t.warmup_frac < 1:
+        p.append(f"train.warmup_frac: must be in [0, 1), got {t.warmup_frac}")
+    if t.weight_decay < 0:
+        p.append(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    if t.max_grad_norm is not None and not t.max_grad_norm > 0:
+        p.append(f"train.max_grad_norm: must be > 0 or null, got {t.max_grad_norm}")
+    if t.micro_batch_size is not None and t.micro_batch_size < 1:
+        p.append(f"train.micro_batch_size: must be >= 1, got {t.micro_batch_size}")
+    r = cfg.resources
+    if r.workers < 1:
+        p.append(f"resources.workers: must be >= 1, got {r.workers}")
+    if r.cpus_per_worker < 0 or r.gpus_per_worker < 0:
+        p.append("resources.cpus_per_worker / gpus_per_worker: must be >= 0")
+    if r.cpus_per_worker == 0 and r.gpus_per_worker == 0:
+        p.append("resources.cpus_per_worker: a worker needs some CPU or GPU")
+    if r.max_concurrent_trials is not None and r.max_concurrent_trials < 1:
+        p.append(f"resources.max_concurrent_trials: must be >= 1, got {r.max_concurrent_trials}")
+    if not 0 < r.driver_cpus <= 1:
+        p.append(f"resources.driver_cpus: must be in (0, 1], got {r.driver_cpus}")
+    if r.torch_threads is not None and r.torch_threads < 1:
+        p.append(f"resources.torch_threads: must be >= 1, got {r.torch_threads}")
+    g = cfg.grid
+    if not g.sparsity:
+        p.append("grid.sparsity: the grid is empty (give at least one sparsity)")
+    if not g.batch_size:
+        p.append("grid.batch_size: the grid is empty (give at least one batch size)")
+    for i, s in enumerate(g.sparsity):
+        if not 0 <= s < 1:
+            p.append(f"grid.sparsity[{i}]: {s} is outside [0, 1)")
+    if len(set(g.sparsity)) != len(g.sparsity):
+        p.append("grid.sparsity: values repeat")
+    for i, b in enumerate(g.batch_size):
+        if b < 1:
+            p.append(f"grid.batch_size[{i}]: {b} is below 1")
+        elif r.workers >= 1 and b % r.workers:
+            p.append(
+                f"grid.batch_size[{i}]: {b} cannot be split evenly across "
+                f"resources.workers={r.workers} (use a multiple of {r.workers})"
+            )
+    if len(set(g.batch_size)) != len(g.batch_size):
+        p.append("grid.batch_size: values repeat")
+    c = cfg.checkpoint
+    if c.every_steps is not None and c.every_steps < 1:
+        p.append(f"checkpoint.every_steps: must be >= 1 or null, got {c.every_steps}")
+    if c.keep_last < 1:
+        p.append(f"checkpoint.keep_last: must be >= 1, got {c.keep_last}")
+    es = cfg.early_stop
+    if es.grace_period < 1:
+        p.append(f"early_stop.grace_period: must be >= 1, got {es.grace_period}")
+    if not es.reduction_factor > 1:
+        p.append(f"early_stop.reduction_factor: must be > 1, got {es.reduction_factor}")
+    if es.plateau_patience is not None and es.plateau_patience < 1:
+        p.append(f"early_stop.plateau_patience: must be >= 1 or null, got {es.plateau_patience}")
+    if es.plateau_min_rel_improvement < 0:
+        p.append("early_stop.plateau_min_rel_improvement: must be >= 0")
+    if es.diverge_factor is not None and not es.diverge_factor > 1:
+        p.append(f"early_stop.diverge_factor: must be > 1 or null, got {es.diverge_factor}")
+    f = cfg.failure
+    if f.worker_max_failures < 0 or f.trial_max_failures < 0:
+        p.append("failure.worker_max_failures / trial_max_failures: must be >= 0")
+    for i, lg in enumerate(cfg.loggers):
+        if lg not in ("wandb", "mlflow"):
+            p.append(f"loggers[{i}]: {lg!r} is not one of 'wandb' | 'mlflow'")
+    return p

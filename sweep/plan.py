@@ -1,0 +1,136 @@
+"""Step rules and the trial plan: pure functions, no Ray, no torch.
+
+The batch-size rule keeps the sample budget of an epoch fixed whatever the batch size:
+steps per epoch = ceil(base_samples / batch_size), and the learning rate grows with the
+square root of the batch (the scaling argued for adaptive optimizers, Malladi et al. 2022).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import asdict, dataclass
+
+from sweep.config import SweepConfig, to_dict
+
+
+def steps_per_epoch(base_samples: int, batch_size: int) -> int:
+    if batch_size < 1 or base_samples < 1:
+        raise ValueError("base_samples and batch_size must be >= 1")
+    return math.ceil(base_samples / batch_size)
+
+
+def scaled_lr(base_lr: float, batch_size: int, rule: str = "sqrt") -> float:
+    if rule == "sqrt":
+        return base_lr * math.sqrt(batch_size)
+    if rule == "linear":
+        return base_lr * batch_size
+    if rule == "constant":
+        return base_lr
+    raise ValueError(f"unknown lr rule {rule!r}")
+
+
+def lr_at(step: int, peak_lr: float, total_steps: int, warmup_frac: float = 0.0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then constant."""
+    warmup_steps = int(warmup_frac * total_steps)
+    if warmup_steps and step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    return peak_lr
+
+
+def grad_accum_steps(batch_size: int, workers: int, micro_batch_size: int | None) -> int:
+    """Forward/backward passes per optimizer step on each worker."""
+    if batch_size % workers:
+        raise ValueError(f"batch size {batch_size} cannot be split across {workers} workers")
+    per_worker = batch_size // workers
+    if micro_batch_size is None or micro_batch_size >= per_worker:
+        return 1
+    return math.ceil(per_worker / micro_batch_size)
+
+
+def trial_id(sparsity: float, batch_size: int, method: str | None = None, pattern: str | None = None) -> str:
+    """A stable, readable trial name: the same grid point always gets the same id, so resume,
+    re-runs and result rows line up. ``s0.5-b4`` or ``wanda-2of4-s0.5-b4``."""
+    parts = []
+    if method is not None:
+        parts.append(method)
+    if pattern not in (None, "none"):
+        n, m = pattern.split(":")
+        parts.append(f"{n}of{m}")
+    parts.append(f"s{sparsity:g}")
+    parts.append(f"b{batch_size}")
+    return "-".join(parts)
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    trial_id: str
+    sparsity: float
+    batch_size: int
+    method: str
+    pattern: str | None
+    lr: float
+    steps_per_epoch: int
+    num_epochs: int
+    workers: int
+    grad_accum: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def expand(cfg: SweepConfig) -> list[TrialPlan]:
+    """The grid, in a stable order: method x pattern x sparsity x batch size."""
+    methods = cfg.grid.method or (cfg.prune.method,)
+    patterns = cfg.grid.pattern or (cfg.prune.pattern,)
+    name_method = cfg.grid.method is not None
+    name_pattern = cfg.grid.pattern is not None or cfg.prune.pattern is not None
+    plans = []
+    for method, pattern, sparsity, batch in itertools.product(
+        methods, patterns, cfg.grid.sparsity, cfg.grid.batch_size
+    ):
+        pattern = None if pattern in (None, "none") else pattern
+        plans.append(
+            TrialPlan(
+                trial_id=trial_id(
+                    sparsity,
+                    batch,
+                    method if name_method else None,
+                    pattern if name_pattern else None,
+                ),
+                sparsity=float(sparsity),
+                batch_size=int(batch),
+                method=method,
+                pattern=pattern,
+                lr=scaled_lr(cfg.train.base_lr, batch, cfg.train.lr_rule),
+                steps_per_epoch=steps_per_epoch(cfg.train.base_samples, batch),
+                num_epochs=cfg.train.num_epochs,
+                workers=cfg.resources.workers,
+                grad_accum=grad_accum_steps(batch, cfg.resources.workers, cfg.train.micro_batch_size),
+            )
+        )
+    return plans
+
+
+def format_plan(plans: list[TrialPlan]) -> str:
+    header = f"{'trial':<24} {'method':<10} {'sparsity':>8} {'batch':>5} {'steps/ep':>8} {'epochs':>6} {'lr':>10} {'workers':>7} {'accum':>5}"
+    rows = [header, "-" * len(header)]
+    for p in plans:
+        method = p.method + (f" {p.pattern}" if p.pattern else "")
+        rows.append(
+            f"{p.trial_id:<24} {method:<10} {p.sparsity:>8.3f} {p.batch_size:>5} {p.steps_per_epoch:>8} "
+            f"{p.num_epochs:>6} {p.lr:>10.3e} {p.workers:>7} {p.grad_accum:>5}"
+        )
+    return "\n".join(rows)
+
+
+def grid_fingerprint(cfg: SweepConfig) -> str:
+    """What must not change between a sweep and its resume: everything that changes which
+    trials exist or what a trial computes. Names, resources and logging may change."""
+    d = to_dict(cfg)
+    for volatile in ("name", "resources", "loggers", "failure"):
+        d.pop(volatile, None)
+    blob = json.dumps(d, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,174 @@
+"""The results tables and their one writer.
+
+The schema of a row is defined here once. ``ResultsWriter`` keeps each table keyed
+(``(trial_id, epoch)`` for epochs, ``trial_id`` for trials), so a resumed or restarted sweep
+overwrites rows instead of duplicating them, and rewrites each Parquet file atomically
+(temporary file, fsync, rename): a crash at any moment leaves the previous complete file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# Bump when a column is renamed or removed (adding columns keeps the version); the README's
+# "Result schema" section documents each version.
+SCHEMA_VERSION = 1
+
+EPOCHS_SCHEMA = pa.schema(
+    [
+        ("sweep", pa.string()),
+        ("trial_id", pa.string()),
+        ("method", pa.string()),
+        ("pattern", pa.string()),
+        ("sparsity", pa.float64()),
+        ("batch_size", pa.int64()),
+        ("epoch", pa.int64()),  # 0 = the baseline: pruned, before any training step
+        ("perplexity", pa.float64()),
+        ("improvement_pct", pa.float64()),  # 100 * (baseline - perplexity) / baseline
+        ("loss", pa.float64()),  # mean training loss over the epoch (null at epoch 0)
+        ("lr", pa.float64()),
+        ("steps", pa.int64()),  # optimizer steps so far (cumulative)
+        ("samples", pa.int64()),  # training sequences so far (cumulative)
+        ("tokens", pa.int64()),  # training tokens so far (cumulative)
+        ("sparsity_actual", pa.float64()),  # measured zeros / weights over the pruned layers
+        ("wall_s", pa.float64()),  # seconds since the trial started (this attempt)
+        ("tokens_per_s", pa.float64()),  # training tokens per second over the epoch
+        ("mem_peak_mb", pa.float64()),  # peak memory on rank 0 (CUDA allocator or process RSS)
+        ("eval_tokens", pa.int64()),  # tokens scored by the evaluation
+        ("timestamp", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+TRIALS_SCHEMA = pa.schema(
+    [
+        ("sweep", pa.string()),
+        ("trial_id", pa.string()),
+        ("model", pa.string()),
+        ("method", pa.string()),
+        ("pattern", pa.string()),
+        ("sparsity", pa.float64()),
+        ("batch_size", pa.int64()),
+        ("lr", pa.float64()),
+        ("steps_per_epoch", pa.int64()),
+        ("num_epochs", pa.int64()),
+        ("workers", pa.int64()),
+        ("epochs_completed", pa.int64()),
+        ("dense_perplexity", pa.float64()),
+        ("baseline_perplexity", pa.float64()),
+        ("final_perplexity", pa.float64()),
+        ("best_perplexity", pa.float64()),
+        ("best_epoch", pa.int64()),
+        ("improvement_pct", pa.float64()),  # of the final perplexity against the baseline
+        ("sparsity_actual", pa.float64()),
+        ("status", pa.string()),  # pending, running, completed, early_stopped, diverged, errored
+        ("stop_reason", pa.string()),
+        ("best_checkpoint", pa.string()),
+        ("export_dir", pa.string()),
+        ("wall_s", pa.float64()),
+        ("mem_peak_mb", pa.float64()),
+        ("updated_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+STATUSES = ("pending", "running", "completed", "early_stopped", "diverged", "errored")
+END_STATUSES = ("completed", "early_stopped", "diverged", "errored")
+
+EPOCHS_FILE = "epochs.parquet"
+TRIALS_FILE = "trials.parquet"
+
+
+def results_dir(sweep_dir: str | os.PathLike) -> Path:
+    return Path(sweep_dir) / "results"
+
+
+def improvement_pct(baseline: float | None, perplexity: float | None) -> float | None:
+    if baseline is None or perplexity is None or not math.isfinite(baseline) or baseline == 0:
+        return None
+    return 100.0 * (baseline - perplexity) / baseline
+
+
+def _conform(row: dict, schema: pa.Schema) -> dict:
+    """Keep the schema's columns (missing ones null); NaN floats stay NaN (a diverged trial)."""
+    return {name: row.get(name) for name in schema.names}
+
+
+def write_table_atomic(rows: list[dict], schema: pa.Schema, path: Path) -> None:
+    table = pa.Table.from_pylist([_conform(r, schema) for r in rows], schema=schema)
+    table = table.replace_schema_metadata({b"schema_version": str(SCHEMA_VERSION).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    # fsync the directory so the rename itself survives a power cut.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return pq.read_table(path).to_pylist()
+
+
+class ResultsWriter:
+    """Upserts rows by key and rewrites each table atomically. One per sweep, in the driver."""
+
+    def __init__(self, sweep_dir: str | os.PathLike):
+        self.dir = results_dir(sweep_dir)
+        self._lock = threading.Lock()
+        self._epochs: dict[tuple[str, int], dict] = {
+            (r["trial_id"], r["epoch"]): r for r in read_rows(self.dir / EPOCHS_FILE)
+        }
+        self._trials: dict[str, dict] = {r["trial_id"]: r for r in read_rows(self.dir / TRIALS_FILE)}
+
+    # -- reads -----------------------------------------------------------------------------
+    def trial(self, trial_id: str) -> dict | None:
+        row = self._trials.get(trial_id)
+        return dict(row) if row else None
+
+    def epochs_of(self, trial_id: str) -> list[dict]:
+        rows = [dict(r) for (t, _), r in self._epochs.items() if t == trial_id]
+        return sorted(rows, key=lambda r: r["epoch"])
+
+    # -- writes ----------------------------------------------------------------------------
+    def upsert_epoch(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            key = (row["trial_id"], int(row["epoch"]))
+            self._epochs[key] = {**self._epochs.get(key, {}), **row}
+            self._flush_epochs()
+
+    def drop_epochs_after(self, trial_id: str, epoch: int) -> None:
+        """Forget rows past ``epoch`` (a trial restarted from an earlier checkpoint)."""
+        with self._lock:
+            stale = [k for k in self._epochs if k[0] == trial_id and k[1] > epoch]
+            for k in stale:
+                del self._epochs[k]
+            if stale:
+                self._flush_epochs()
+
+    def upsert_trial(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            tid = row["trial_id"]
+            self._trials[tid] = {**self._trials.get(tid, {}), **row}
+            write_table_atomic(
+                sorted(self._trials.values(), key=lambda r: r["trial_id"]),
+                TRIALS_SCHEMA,
+                self.dir / TRIALS_FILE,
+            )
+
+    def _flush_epochs(self) -> None:
+        rows = sorted(self._epochs.values(), key=lambda r: (r["trial_id"], r["epoch"]))
+        write_table_atomic(rows, EPOCHS_SCHEMA, self.dir / EPOCHS_FILE)
