@@ -330,8 +330,11 @@ def load_config_dict(path: str | os.PathLike) -> dict:
 def from_dict(data: dict, source: str | None = None, check_paths: bool = True) -> SweepConfig:
     problems: list[str] = []
     cfg = _bind_dataclass(SweepConfig, data, "", problems)
-    if not problems:
-        problems.extend(validate(cfg, check_paths=check_paths))
+    try:
+        problems.extend(p for p in validate(cfg, check_paths=check_paths) if p not in problems)
+    except (TypeError, AttributeError):
+        pass  # a value of the wrong type, already reported: report the rest at once next time
+
     if problems:
         raise ConfigError(problems, source)
     return cfg

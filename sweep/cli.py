@@ -1,0 +1,104 @@
+"""The ``sweep`` command line: parse, build, run; exit 2 on invalid input, before Ray starts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sweep.config import ConfigError
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="validate a config, print the trial plan, run the grid")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("--name", help="sweep name (default: the config's name); re-running a name resumes it")
+    p.add_argument("--storage", help="parent directory of SWEEP_DIR (default ./sweeps, or $SWEEP_STORAGE)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set train.base_lr=1e-4 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the trial plan only")
+    p.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else an embedded one)")
+    p.add_argument("--model", help="shortcut: replace model.name_or_path")
+    p.add_argument("--gguf-file", help="shortcut: model.gguf_file (with --model)")
+    p.add_argument("--sparsity", type=float, nargs="+", help="shortcut: replace grid.sparsity")
+    p.add_argument("--batch-size", type=int, nargs="+", help="shortcut: replace grid.batch_size")
+
+
+def _add_resume(sub) -> None:
+    p = sub.add_parser("resume", help="continue an interrupted sweep from SWEEP_DIR")
+    p.add_argument("sweep_dir")
+    p.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else embedded)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sweep", description="Ray-distributed pruning-recovery sweeps on causal language models"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_resume(sub)
+    from eval.cli import add_eval_arguments
+    from sweep.plot import add_plot_arguments
+    from sweep.query import add_query_arguments
+    from sweep.report import add_report_arguments
+
+    add_query_arguments(sub.add_parser("query", help="SQL over the results (tables epochs, trials)"))
+    add_report_arguments(sub.add_parser("report", help="per-trial summary table"))
+    add_plot_arguments(sub.add_parser("plot", help="perplexity against sparsity, and over epochs"))
+    add_eval_arguments(sub.add_parser("eval", help="perplexity of one model (JSON on the last line)"))
+    return parser
+
+
+def _cmd_run(args) -> int:
+    from sweep.runner import config_from_args, env_storage, run_sweep
+
+    if args.gguf_file and not args.model:
+        raise ConfigError(["--gguf-file: needs --model"])
+    shortcuts = {"model": args.model, "gguf_file": args.gguf_file, "sparsity": args.sparsity,
+                 "batch_size": args.batch_size, "name": args.name}
+    cfg = config_from_args(args.config, list(args.overrides), shortcuts)
+    return run_sweep(cfg, env_storage(args.storage), args.address, args.dry_run)
+
+
+def _cmd_resume(args) -> int:
+    from sweep.runner import resume_sweep
+
+    d = Path(args.sweep_dir)
+    if not d.is_dir():
+        raise ConfigError([f"sweep directory not found: {d}"])
+    return resume_sweep(d, args.address)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "resume":
+            return _cmd_resume(args)
+        if args.command == "query":
+            from sweep.query import run_query_cli
+
+            return run_query_cli(args)
+        if args.command == "report":
+            from sweep.report import run_report_cli
+
+            return run_report_cli(args)
+        if args.command == "plot":
+            from sweep.plot import run_plot_cli
+
+            return run_plot_cli(args)
+        if args.command == "eval":
+            from eval.cli import run_eval
+
+            return run_eval(args)
+    except ConfigError as e:
+        print(f"sweep: {e}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

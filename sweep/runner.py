@@ -1,0 +1,219 @@
+"""``sweep run`` / ``sweep resume`` end to end: validate, plan, prepare, run the grid, summarize.
+
+Nothing is started or written before the config is valid. SWEEP_DIR holds everything:
+``sweep.yaml`` (the resolved config), ``prep/``, ``tune/`` (Ray Tune's experiment),
+``train/`` (each trial's Train run and checkpoints), ``results/`` (Parquet), ``logs/``,
+``export/`` (best models in Hugging Face format).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from sweep.config import ConfigError, SweepConfig, from_dict, to_dict
+from sweep.plan import expand, format_plan, grid_fingerprint
+
+CONFIG_FILE = "sweep.yaml"
+STATE_FILE = "sweep.json"
+
+
+class SweepLog:
+    """The sweep's own log: printed, and appended to SWEEP_DIR/logs/sweep.log."""
+
+    def __init__(self, sweep_dir: Path | None):
+        self.path = sweep_dir / "logs" / "sweep.log" if sweep_dir else None
+
+    def __call__(self, text: str) -> None:
+        print(text, flush=True)
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            with open(self.path, "a") as f:
+                for line in text.splitlines():
+                    f.write(f"{stamp} {line}\n")
+
+
+def check_resume_compatible(cfg: SweepConfig, sweep_dir: Path) -> None:
+    """A sweep directory may only be continued with a config that gives the same grid."""
+    state_path = sweep_dir / STATE_FILE
+    if not state_path.exists():
+        return
+    old = json.loads(state_path.read_text())
+    if old.get("fingerprint") != grid_fingerprint(cfg):
+        old_cfg = yaml.safe_load((sweep_dir / CONFIG_FILE).read_text()) if (sweep_dir / CONFIG_FILE).exists() else {}
+        new_cfg = to_dict(cfg)
+        changed = sorted(_diff_keys(old_cfg, new_cfg))
+        changed = [k for k in changed if k.split(".")[0] not in ("name", "resources", "loggers", "failure")]
+        raise ConfigError(
+            [
+                f"{sweep_dir} holds a sweep with a different grid or training setup "
+                f"(changed: {', '.join(changed) or 'unknown'}); resume it with its own config "
+                f"(`sweep resume {sweep_dir}`) or choose another --name"
+            ]
+        )
+
+
+def _diff_keys(a, b, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = set()
+        for k in set(a) | set(b):
+            out |= _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return set() if a == b else {prefix.rstrip(".")}
+
+
+def write_sweep_state(cfg: SweepConfig, sweep_dir: Path) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (sweep_dir / STATE_FILE).write_text(
+        json.dumps({"fingerprint": grid_fingerprint(cfg), "name": cfg.name}, indent=1)
+    )
+
+
+def load_sweep_config(sweep_dir: Path) -> SweepConfig:
+    path = sweep_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError([f"{sweep_dir} is not a sweep directory (no {CONFIG_FILE})"])
+    return from_dict(yaml.safe_load(path.read_text()), str(path))
+
+
+def run_sweep(cfg: SweepConfig, storage: Path, address: str | None, dry_run: bool) -> int:
+    plans = expand(cfg)
+    sweep_dir = (storage / cfg.name).resolve()
+    if dry_run:
+        print(f"sweep {cfg.name!r}: {len(plans)} trials -> {sweep_dir}")
+        print(format_plan(plans))
+        return 0
+    check_resume_compatible(cfg, sweep_dir)
+    resuming = (sweep_dir / STATE_FILE).exists()
+    write_sweep_state(cfg, sweep_dir)
+    log = SweepLog(sweep_dir)
+    log(f"sweep {cfg.name!r}: {len(plans)} trials -> {sweep_dir}" + (" (resuming)" if resuming else ""))
+    log(format_plan(plans))
+    return _run(cfg, sweep_dir, plans, address, log)
+
+
+def _run(cfg: SweepConfig, sweep_dir: Path, plans, address: str | None, log: SweepLog) -> int:
+    import ray
+
+    from sweep import tune as st
+    from sweep.prep import prepare
+
+    t0 = time.perf_counter()
+    owns = st.start_ray(cfg, address)
+    try:
+        threads = max(1, math.floor(ray.cluster_resources().get("CPU", 1) - 1)) if owns else max(1, int(cfg.resources.cpus_per_worker))
+        task = ray.remote(prepare).options(
+            num_cpus=min(cfg.resources.cpus_per_worker, ray.cluster_resources().get("CPU", 1)),
+            num_gpus=cfg.resources.gpus_per_worker,
+        )
+        cache_dir = str(sweep_dir.parent / ".cache" / "models")
+        prep = ray.get(task.remote(cfg, str(sweep_dir), cache_dir, [p.to_dict() for p in plans], threads))
+        dense = prep["dense_perplexity"]
+        log(
+            f"prepared in {time.perf_counter() - t0:.1f} s: model {prep['model_dir']}\n"
+            f"dense perplexity {dense:.2f} ({prep['dense']['windows']} windows, "
+            f"{prep['dense']['tokens']} tokens)"
+        )
+        ctx = _trial_context(cfg, sweep_dir, prep)
+        tuner = _make_or_restore_tuner(cfg, sweep_dir, plans, ctx, dense, log)
+        tuner.fit()
+    finally:
+        if owns:
+            ray.shutdown()
+    return _summarize(sweep_dir, log, time.perf_counter() - t0)
+
+
+def _trial_context(cfg: SweepConfig, sweep_dir: Path, prep: dict) -> dict:
+    r = cfg.resources
+    threads = r.torch_threads or max(1, math.floor(r.cpus_per_worker))
+    return {
+        "sweep_dir": str(sweep_dir),
+        "model_name": cfg.model.name_or_path or f"config:{cfg.model.config.get('model_type')}",
+        "masks": prep["masks"],
+        "target_sparsity": prep["target_sparsity"],
+        "resources": {"cpus_per_worker": r.cpus_per_worker, "gpus_per_worker": r.gpus_per_worker},
+        "worker_max_failures": cfg.failure.worker_max_failures,
+        "keep_last": cfg.checkpoint.keep_last,
+        "export_best": cfg.checkpoint.export_best,
+        "worker": {
+            "model_dir": prep["model_dir"],
+            "train_tokens": prep["train_tokens"],
+            "eval_windows": prep["eval_windows"],
+            "dense_perplexity": prep["dense_perplexity"],
+            "seq_len": cfg.data.seq_len,
+            "eval_batch_size": cfg.eval.batch_size,
+            "threads": threads,
+            "progress": True,
+            "train": to_dict(cfg.train),
+            "checkpoint": to_dict(cfg.checkpoint),
+            "early_stop": to_dict(cfg.early_stop),
+        },
+    }
+
+
+def _make_or_restore_tuner(cfg, sweep_dir: Path, plans, ctx: dict, dense, log: SweepLog):
+    from ray import tune
+
+    from sweep import tune as st
+
+    tune_path = sweep_dir / st.TUNE_DIR
+    if tune.Tuner.can_restore(str(tune_path)):
+        log(f"resuming the Tune experiment in {tune_path} (finished trials are kept)")
+        trainable = tune.with_resources(
+            tune.with_parameters(st.trial_driver, ctx=ctx), {"cpu": cfg.resources.driver_cpus}
+        )
+        return tune.Tuner.restore(
+            str(tune_path), trainable, resume_unfinished=True, resume_errored=True
+        )
+    tuner, n = st.build_tuner(cfg, sweep_dir, plans, ctx, dense)
+    log(f"running {len(plans)} trials, at most {n} at once")
+    return tuner
+
+
+def _summarize(sweep_dir: Path, log: SweepLog, wall_s: float) -> int:
+    from sweep.report import build_report, format_report
+
+    df = build_report(sweep_dir)
+    log(format_report(df))
+    errored = df[df["status"] == "errored"] if "status" in df else []
+    unfinished = df[~df["status"].isin(["completed", "early_stopped", "diverged", "errored"])] if "status" in df else []
+    log(f"sweep finished in {wall_s:.1f} s; results in {sweep_dir / 'results'}")
+    for _, r in getattr(errored, "iterrows", lambda: [])():
+        print(f"trial {r['trial_id']} errored: {r.get('stop_reason')}", file=sys.stderr)
+    if len(errored) or len(unfinished):
+        return 1
+    return 0
+
+
+def resume_sweep(sweep_dir: Path, address: str | None) -> int:
+    cfg = load_sweep_config(sweep_dir)
+    storage = sweep_dir.resolve().parent
+    if sweep_dir.resolve().name != cfg.name:
+        raise ConfigError([f"{sweep_dir}: directory name does not match the sweep name {cfg.name!r}"])
+    return run_sweep(cfg, storage, address, dry_run=False)
+
+
+def config_from_args(path: str, overrides: list[str], shortcuts: dict) -> SweepConfig:
+    from sweep.config import apply_overrides, load_config_dict
+
+    data = apply_overrides(load_config_dict(path), overrides)
+    if shortcuts.get("model"):
+        data["model"] = {"name_or_path": shortcuts["model"], "gguf_file": shortcuts.get("gguf_file")}
+    for key in ("sparsity", "batch_size"):
+        if shortcuts.get(key):
+            data.setdefault("grid", {})[key] = shortcuts[key]
+    if shortcuts.get("name"):
+        data["name"] = shortcuts["name"]
+    return from_dict(data, path)
+
+
+def env_storage(storage: str | None) -> Path:
+    return Path(storage or os.environ.get("SWEEP_STORAGE", "./sweeps")).expanduser()

@@ -1,0 +1,274 @@
+"""Ray Tune over the grid: one driver per trial, each fitting its own TorchTrainer.
+
+The only module that imports Ray Tune. Train V2 pattern (ray-notes.md): a Tune function
+trainable (the trial "driver", holding a sliver of CPU) builds a ``TorchTrainer`` named after
+the trial, whose workers report through ``TuneReportCallback``. Results reach Parquet through
+one writer, a Tune callback in this process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from sweep.config import SweepConfig
+from sweep.plan import TrialPlan
+from sweep.results import END_STATUSES, ResultsWriter, improvement_pct
+
+TUNE_DIR = "tune"
+TRAIN_DIR = "train"
+
+
+class ClusterTooSmall(RuntimeError):
+    pass
+
+
+def trial_resources(cfg: SweepConfig) -> dict[str, float]:
+    r = cfg.resources
+    res = {"CPU": r.workers * r.cpus_per_worker + r.driver_cpus}
+    if r.gpus_per_worker:
+        res["GPU"] = r.workers * r.gpus_per_worker
+    return res
+
+
+def max_concurrent_trials(
+    cluster: dict[str, float], need: dict[str, float], n_trials: int, cap: int | None = None
+) -> int:
+    """How many trials fit at once, each fully placed (driver and all its workers)."""
+    fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
+    if fits < 1:
+        have = {k: cluster.get(k, 0.0) for k in need}
+        raise ClusterTooSmall(f"one trial needs {need}, the cluster has {have}")
+    n = min(fits, n_trials)
+    return min(n, cap) if cap else n
+
+
+def local_cluster_cpus(cfg: SweepConfig) -> int:
+    """Logical CPUs for the embedded cluster: the machine's cores (at least one trial's
+    workers), plus one logical CPU that holds the trial drivers (0.01 each)."""
+    r = cfg.resources
+    return max(os.cpu_count() or 1, math.ceil(r.workers * r.cpus_per_worker)) + 1
+
+
+def start_ray(cfg: SweepConfig, address: str | None) -> bool:
+    """Connect to ``address`` (or RAY_ADDRESS), else start an embedded local cluster.
+    Returns True when this process started the cluster (and must shut it down)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return False
+    # include_dashboard left at its default: Ray's placement-group cleaner needs the State API
+    # to free a stopped trial's workers (ray-notes.md, ray-project/ray#54305).
+    ray.init(num_cpus=local_cluster_cpus(cfg), runtime_env=env, log_to_driver=True)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial driver
+
+
+def trial_driver(config: dict, ctx: dict) -> None:
+    """One trial: a TorchTrainer with ``workers`` FSDP2 ranks running trainers.worker."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from trainers.worker import train_loop
+
+    plan = config["trial"]
+    tid = plan["trial_id"]
+    res = ctx["resources"]
+    gpu = res["gpus_per_worker"] > 0
+    per_worker = {"CPU": res["cpus_per_worker"]}
+    if gpu:
+        per_worker["GPU"] = res["gpus_per_worker"]
+    sweep_dir = Path(ctx["sweep_dir"])
+    loop_config = {
+        **ctx["worker"],
+        "plan": plan,
+        "mask_path": ctx["masks"][tid],
+        "target_sparsity": ctx["target_sparsity"][tid],
+        "log_path": str(sweep_dir / "logs" / f"{tid}.log"),
+        "export_dir": str(sweep_dir / "export" / tid) if ctx["export_best"] else None,
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=plan["workers"], use_gpu=gpu, resources_per_worker=per_worker
+        ),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        run_config=RunConfig(
+            name=f"train-{tid}",
+            storage_path=str(sweep_dir / TRAIN_DIR),
+            failure_config=FailureConfig(
+                max_failures=ctx["worker_max_failures"],
+                # A starved worker group must fail, not retry forever (ray-notes.md).
+                controller_failure_limit=3,
+            ),
+            checkpoint_config=CheckpointConfig(num_to_keep=ctx["keep_last"]),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+# ---------------------------------------------------------------------------------------------
+# The one writer of results
+
+
+def _tid(trial) -> str:
+    return trial.config["trial"]["trial_id"]
+
+
+class ResultsCallback(tune.Callback):
+    """Turns Tune events into Parquet rows keyed by (trial_id, epoch) and trial_id.
+
+    Pickled into tuner.pkl with the run config, so the writer is rebuilt lazily."""
+
+    def __init__(self, sweep_dir: str, sweep: str, model: str, dense: float | None, plans: list[dict]):
+        self.sweep_dir, self.sweep, self.model, self.dense = sweep_dir, sweep, model, dense
+        self.plans = {p["trial_id"]: p for p in plans}
+        self._writer: ResultsWriter | None = None
+        self._t0: dict[str, float] = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_writer": None, "_t0": {}}
+
+    @property
+    def writer(self) -> ResultsWriter:
+        if self._writer is None:
+            self._writer = ResultsWriter(self.sweep_dir)
+        return self._writer
+
+    def setup(self, **info) -> None:
+        for tid, p in self.plans.items():
+            existing = self.writer.trial(tid)
+            if existing is None:
+                self.writer.upsert_trial(self._trial_base(p, status="pending"))
+
+    def _trial_base(self, p: dict, **extra) -> dict:
+        return {
+            "sweep": self.sweep, "trial_id": p["trial_id"], "model": self.model,
+            "method": p["method"], "pattern": p["pattern"], "sparsity": p["sparsity"],
+            "batch_size": p["batch_size"], "lr": p["lr"], "steps_per_epoch": p["steps_per_epoch"],
+            "num_epochs": p["num_epochs"], "workers": p["workers"], "epochs_completed": 0,
+            "dense_perplexity": self.dense, **extra,
+        }
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        tid = _tid(trial)
+        self._t0[tid] = time.time()
+        self.writer.upsert_trial({"trial_id": tid, "status": "running", "stop_reason": None,
+                                  "updated_at": _now()})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if result.get("kind") != "eval":
+            return
+        tid = _tid(trial)
+        p = self.plans[tid]
+        epoch = int(result["epoch"])
+        baseline = result.get("baseline_perplexity")
+        ppl = result["perplexity"]
+        self.writer.drop_epochs_after(tid, epoch)  # a restart from an earlier checkpoint
+        self.writer.upsert_epoch({
+            "sweep": self.sweep, "trial_id": tid, "method": p["method"], "pattern": p["pattern"],
+            "sparsity": p["sparsity"], "batch_size": p["batch_size"], "epoch": epoch,
+            "perplexity": ppl, "improvement_pct": improvement_pct(baseline, ppl),
+            "loss": result.get("loss"), "lr": result.get("lr"), "steps": result.get("steps"),
+            "samples": result.get("samples"), "tokens": result.get("tokens"),
+            "sparsity_actual": result.get("sparsity_actual"), "wall_s": result.get("wall_s"),
+            "tokens_per_s": result.get("tokens_per_s"), "mem_peak_mb": result.get("mem_peak_mb"),
+            "eval_tokens": result.get("eval_tokens"), "timestamp": _now(),
+        })
+        rows = self.writer.epochs_of(tid)
+        finite = [r for r in rows if r["perplexity"] is not None and math.isfinite(r["perplexity"])]
+        best = min(finite, key=lambda r: r["perplexity"]) if finite else None
+        last = rows[-1]
+        export = Path(self.sweep_dir) / "export" / tid
+        self.writer.upsert_trial({
+            "trial_id": tid, "epochs_completed": last["epoch"], "baseline_perplexity": baseline,
+            "final_perplexity": last["perplexity"],
+            "best_perplexity": best["perplexity"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "improvement_pct": improvement_pct(baseline, last["perplexity"]),
+            "sparsity_actual": result.get("sparsity_actual"),
+            "best_checkpoint": str(export) if export.exists() else None,
+            "export_dir": str(export) if export.exists() else None,
+            "wall_s": result.get("wall_s"),
+            "mem_peak_mb": max((r["mem_peak_mb"] or 0) for r in rows) or None,
+            "updated_at": _now(),
+        })
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        tid = _tid(trial)
+        row = self.writer.trial(tid) or {}
+        if row.get("status") not in END_STATUSES:
+            self.writer.upsert_trial({"trial_id": tid, "status": "completed", "updated_at": _now()})
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        tid = _tid(trial)
+        cause = _error_text(trial)
+        self.writer.upsert_trial({"trial_id": tid, "status": "errored", "stop_reason": cause,
+                                  "updated_at": _now()})
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None) or getattr(getattr(trial, "run_metadata", None), "error_filename", None)
+    try:
+        if path and os.path.exists(path):
+            text = Path(path).read_text().strip().splitlines()
+            return text[-1][:500] if text else "error"
+    except OSError:
+        pass
+    return "errored (see the trial's log)"
+
+
+def _now():
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+
+
+def build_tuner(cfg: SweepConfig, sweep_dir: Path, plans: list[TrialPlan], ctx: dict, dense: float | None):
+    n = max_concurrent_trials(
+        ray.cluster_resources(), trial_resources(cfg), len(plans), cfg.resources.max_concurrent_trials
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_driver, ctx=ctx), {"cpu": cfg.resources.driver_cpus}
+    )
+    callback = ResultsCallback(
+        str(sweep_dir), cfg.name, ctx["model_name"], dense, [p.to_dict() for p in plans]
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([p.to_dict() for p in plans])},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=n,
+            trial_name_creator=_tid,
+            trial_dirname_creator=_tid,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=str(sweep_dir),
+            callbacks=[callback],
+            failure_config=tune.FailureConfig(max_failures=cfg.failure.trial_max_failures),
+            verbose=1,
+        ),
+    )
+    return tuner, n
+
+
+def run_grid(tuner) -> Any:
+    return tuner.fit()

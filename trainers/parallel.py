@@ -1,0 +1,109 @@
+"""FSDP2 sharding and masks that follow the shards.
+
+The model never knows how it is sharded: ``shard_model`` wraps each decoder block with
+``fully_shard`` and then the root. FSDP2 shards every parameter on dim 0 as a DTensor; a mask
+distributed with the weight's mesh and placements lines up element for element with the local
+shard, so masking gradients (before the step, which keeps Adam's moments at zero for pruned
+weights) and weights (after the step) is a local, exact operation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def shard_model(model: nn.Module, blocks: nn.ModuleList, mixed_precision: bool) -> nn.Module:
+    """FSDP2 per decoder block, then the root (embeddings, final norm, lm_head).
+
+    With ``mixed_precision`` (GPU) parameters are gathered in bf16 for compute while the
+    sharded master weights, gradients' reduction and optimizer state stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision
+        else MixedPrecisionPolicy()
+    )
+    for block in blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full masks (module name -> bool, True = keep) -> the local shard of each, laid out like
+    the weight it masks, as float tensors on the weight's device (cheap to multiply)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name, mask in masks.items():
+        weight = modules[name].weight
+        if isinstance(weight, DTensor):
+            dmask = distribute_tensor(
+                mask.to(weight.dtype).to(weight.device_mesh.device_type),
+                weight.device_mesh,
+                weight.placements,
+            )
+            out[name] = dmask.to_local()
+        else:
+            out[name] = mask.to(device=weight.device, dtype=weight.dtype)
+        if out[name].shape != local(weight).shape:
+            raise RuntimeError(f"mask shard of {name} does not line up with its weight shard")
+    return out
+
+
+@torch.no_grad()
+def mask_gradients(model: nn.Module, local_masks: dict[str, torch.Tensor]) -> None:
+    modules = dict(model.named_modules())
+    for name, mask in local_masks.items():
+        grad = modules[name].weight.grad
+        if grad is not None:
+            local(grad).mul_(mask)
+
+
+@torch.no_grad()
+def enforce_masks(model: nn.Module, local_masks: dict[str, torch.Tensor]) -> None:
+    modules = dict(model.named_modules())
+    for name, mask in local_masks.items():
+        local(modules[name].weight).mul_(mask)
+
+
+@torch.no_grad()
+def measured_sparsity(model: nn.Module, names: list[str]) -> dict[str, float]:
+    """Zero fraction of each named layer's weight, counted on the local shards and summed over
+    ranks: measured on the weights themselves, never copied from the config."""
+    modules = dict(model.named_modules())
+    counts = torch.zeros(len(names), 2, dtype=torch.float64)
+    for i, name in enumerate(names):
+        w = local(modules[name].weight)
+        counts[i, 0] = (w == 0).sum().item()
+        counts[i, 1] = w.numel()
+    if is_distributed():
+        backend = dist.get_backend()
+        if backend == "nccl":
+            counts = counts.cuda()
+        dist.all_reduce(counts)
+        counts = counts.cpu()
+    return {n: float(counts[i, 0] / counts[i, 1]) for i, n in enumerate(names)}
+
+
+def all_reduce_sum(t: torch.Tensor) -> None:
+    """In-place SUM across ranks (no-op when not distributed); NCCL needs a CUDA tensor."""
+    if not is_distributed():
+        return
+    if dist.get_backend() == "nccl" and not t.is_cuda:
+        tmp = t.cuda()
+        dist.all_reduce(tmp)
+        t.copy_(tmp.cpu())
+    else:
+        dist.all_reduce(t)
