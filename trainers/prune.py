@@ -1,0 +1,439 @@
+"""Pruning masks for causal LMs: magnitude and Wanda, unstructured or N:M.
+
+Masks are bool tensors shaped like the weight, True = keep, keyed by the module's name in
+``model.named_modules()``. Only the ``nn.Linear`` layers inside the decoder blocks are pruned
+(never embeddings, ``lm_head`` or OPT's ``project_in``/``project_out``), so that ``sparsity``
+means the same thing for every architecture: the fraction of zeros in each pruned layer.
+
+How many weights are pruned (``pruned_count``): ``round_half_up(sparsity * n)`` where
+``sparsity`` is read as its shortest decimal form (``repr``), so 0.15 of 10 is 2 and 0.5 of 7
+is 4, without binary floating-point surprises. Magnitude applies it to each whole layer
+(n = numel); Wanda, as in the paper, to each output row (n = in_features).
+
+With an N:M pattern, every group of M consecutive input weights of a row keeps its N best:
+the sparsity is then implied (1 - N/M); pass ``sparsity=None`` or that value, anything else
+is rejected rather than silently ignored.
+
+Ties are broken deterministically: a stable sort over the scores, so among equal scores the
+lowest index is pruned first.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+Masks = dict[str, torch.Tensor]
+Pattern = tuple[int, int]
+METHODS = ("magnitude", "wanda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which layers
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder-block list, found generically as the ModuleList holding the most parameters.
+
+    Works for ``model.layers`` (Llama), ``model.decoder.layers`` (OPT) and ``transformer.h``
+    (GPT-2) without a per-architecture table.
+    """
+    best: tuple[str, nn.ModuleList, int] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            count = sum(p.numel() for p in module.parameters())
+            if best is None or count > best[2]:
+                best = (name, module, count)
+    if best is None or best[2] == 0:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.ModuleList of decoder blocks with parameters; "
+            "cannot tell which layers to prune"
+        )
+    return best[0], best[1]
+
+
+def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder blocks, by full module name, in module order."""
+    prefix, blocks = decoder_blocks(model)
+    found = {
+        f"{prefix}.{name}" if prefix else name: module
+        for name, module in blocks.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+    if not found:
+        raise ValueError(
+            f"no nn.Linear inside the decoder blocks {prefix!r} of {type(model).__name__} "
+            "(GPT-2 style Conv1D layers are not supported)"
+        )
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting and masks from scores
+
+
+def pruned_count(n: int, sparsity: float) -> int:
+    """Weights to zero out of ``n``: sparsity * n rounded half up, sparsity read as decimal."""
+    exact = Decimal(repr(float(sparsity))) * n
+    return int(exact.to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def resolve_sparsity(sparsity: float | None, pattern: Pattern | None) -> float:
+    """Validate (sparsity, pattern) and return the sparsity in effect."""
+    if pattern is None:
+        if sparsity is None or not 0.0 <= float(sparsity) <= 1.0:
+            raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
+        return float(sparsity)
+    n, m = _check_pattern(pattern)
+    implied = 1.0 - n / m
+    if sparsity is not None and abs(float(sparsity) - implied) > 1e-9:
+        raise ValueError(
+            f"sparsity {sparsity} contradicts pattern {n}:{m}, which implies {implied:g}; "
+            "pass sparsity=None or the implied value"
+        )
+    return implied
+
+
+def _check_pattern(pattern: Pattern) -> Pattern:
+    try:
+        n, m = (int(x) for x in pattern)
+    except (TypeError, ValueError):
+        raise ValueError(f"pattern must be (N, M), got {pattern!r}") from None
+    if not 0 < n < m:
+        raise ValueError(f"pattern {n}:{m} needs 0 < N < M")
+    return n, m
+
+
+def _mask_whole(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Prune the k lowest scores of the whole tensor."""
+    flat = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    if k:
+        flat[torch.sort(score.flatten(), stable=True).indices[:k]] = False
+    return flat.view(score.shape)
+
+
+def _mask_rows(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Prune the k lowest scores of each row (last dimension)."""
+    mask = torch.ones_like(score, dtype=torch.bool)
+    if k:
+        idx = torch.sort(score, dim=-1, stable=True).indices[..., :k]
+        mask.scatter_(-1, idx, False)
+    return mask
+
+
+def _mask_nm(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Keep the N highest scores of every M consecutive inputs of each row."""
+    n, m = pattern
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}")
+    groups = score.reshape(rows, cols // m, m)
+    return _mask_rows(groups, m - n).reshape(rows, cols)
+
+
+def mask_from_scores(
+    score: torch.Tensor, sparsity: float, pattern: Pattern | None, per_row: bool
+) -> torch.Tensor:
+    """Keep-mask from a [out, in] score matrix: N:M groups, per row, or per layer."""
+    if pattern is not None:
+        return _mask_nm(score, _check_pattern(pattern))
+    if per_row:
+        return _mask_rows(score, pruned_count(score.shape[-1], sparsity))
+    return _mask_whole(score, pruned_count(score.numel(), sparsity))
+
+
+# ---------------------------------------------------------------------------------------------
+# Magnitude
+
+
+@torch.no_grad()
+def magnitude_masks(
+    model: nn.Module, sparsity: float | None, pattern: Pattern | None = None
+) -> Masks:
+    """Per-layer magnitude masks: drop the smallest |W| of each layer (or of each N:M group)."""
+    sparsity = resolve_sparsity(sparsity, pattern)
+    return {
+        name: mask_from_scores(lin.weight.detach().abs().float(), sparsity, pattern, per_row=False)
+        for name, lin in prunable_linears(model).items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Wanda
+
+
+class _StopForward(Exception):
+    """Raised by the catcher hook once block 0's inputs are captured."""
+
+
+BlockInputs = list[tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2, from the summed squared inputs per input feature."""
+    return weight.detach().abs().float() * input_sq_norms.float().sqrt().unsqueeze(0)
+
+
+def _capture_block_inputs(
+    model: nn.Module, block: nn.Module, ids: torch.Tensor, batch_size: int
+) -> BlockInputs:
+    """Run the model's embedding stage on each calibration chunk and keep block 0's inputs.
+
+    A pre-hook on block 0 records its args and kwargs (attention mask, position embeddings,
+    ...) and raises to stop the forward, SparseGPT's "Catcher", so the rest is not computed.
+    """
+    captured: BlockInputs = []
+
+    def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    device = embed.weight.device if embed is not None else next(model.parameters()).device
+    handle = block.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for chunk in ids.split(batch_size):
+            try:
+                model(chunk.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            else:
+                raise RuntimeError("the decoder blocks were never called; cannot calibrate")
+    finally:
+        handle.remove()
+    return _share_equal_kwargs(captured)
+
+
+def _share_equal_kwargs(captured: BlockInputs) -> BlockInputs:
+    """Let chunks reuse chunk 0's equal kwarg tensors (e.g. a [B,1,T,T] mask) to save memory."""
+    if not captured:
+        return captured
+    first = captured[0][1]
+    for i, (args, kwargs) in enumerate(captured[1:], start=1):
+        shared = {
+            key: first[key] if _same(value, first.get(key)) else value
+            for key, value in kwargs.items()
+        }
+        captured[i] = (args, shared)
+    return captured
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return False
+
+
+def _input_sq_norms(
+    block: nn.Module, linears: Mapping[str, nn.Linear], inputs: BlockInputs
+) -> dict[str, torch.Tensor]:
+    """Run the block over all chunks, summing each Linear's squared inputs per input feature."""
+    sums = {
+        name: torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)
+        for name, lin in linears.items()
+    }
+
+    def make_hook(name: str):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs["input"]
+            sums[name] += x.detach().reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0)
+
+        return hook
+
+    handles = [
+        lin.register_forward_pre_hook(make_hook(name), with_kwargs=True)
+        for name, lin in linears.items()
+    ]
+    try:
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums
+
+
+def _run_block(block: nn.Module, inputs: BlockInputs) -> None:
+    """Replace each chunk's hidden states, in place, by the block's output on them."""
+    for i, (args, kwargs) in enumerate(inputs):
+        out = block(*args, **kwargs)
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+        if args:
+            inputs[i] = ((hidden, *args[1:]), kwargs)
+        else:
+            inputs[i] = (args, {**kwargs, "hidden_states": hidden})
+
+
+def _check_uniform_layers(model: nn.Module) -> None:
+    """Block 0's kwargs are reused for every block: refuse models whose layers differ."""
+    layer_types = getattr(getattr(model, "config", None), "layer_types", None)
+    if layer_types and len(set(layer_types)) > 1:
+        raise NotImplementedError(
+            f"Wanda here reuses block 0's attention inputs for every block, but this model "
+            f"mixes layer types {sorted(set(layer_types))} (e.g. sliding-window attention)"
+        )
+
+
+@torch.no_grad()
+def wanda_masks(
+    model: nn.Module,
+    sparsity: float | None,
+    calib_input_ids: torch.Tensor,
+    pattern: Pattern | None = None,
+    batch_size: int = 8,
+) -> Masks:
+    """Wanda masks (Sun et al. 2023), computed block by block; PRUNES THE MODEL IN PLACE.
+
+    Score |W_ij| * ||X_j||_2 over all calibration tokens, compared within each output row
+    (or N:M group). Each block's statistics come from the outputs of the already pruned
+    blocks before it, so the masks are applied as they are computed; the returned masks
+    reproduce the pruned model exactly (``apply_masks`` with them is a no-op afterwards).
+    ``batch_size`` calibration sequences go through a block at a time, to bound memory.
+    """
+    sparsity = resolve_sparsity(sparsity, pattern)
+    if calib_input_ids.dim() != 2 or calib_input_ids.shape[0] == 0:
+        raise ValueError(f"calib_input_ids must be [S, T] with S >= 1, got {tuple(calib_input_ids.shape)}")
+    _check_uniform_layers(model)
+    names = {id(lin): name for name, lin in prunable_linears(model).items()}
+    _, blocks = decoder_blocks(model)
+    was_training = model.training
+    model.eval()
+    masks: Masks = {}
+    try:
+        inputs = _capture_block_inputs(model, blocks[0], calib_input_ids, batch_size)
+        for block in blocks:
+            linears = {names[id(m)]: m for m in block.modules() if id(m) in names}
+            sq_norms = _input_sq_norms(block, linears, inputs)
+            for name, lin in linears.items():
+                score = wanda_scores(lin.weight, sq_norms[name])
+                masks[name] = mask_from_scores(score, sparsity, pattern, per_row=True)
+                lin.weight.masked_fill_(~masks[name], 0)
+            _run_block(block, inputs)
+    finally:
+        model.train(was_training)
+    return masks
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch, application, measurement
+
+
+def compute_masks(
+    model: nn.Module,
+    method: str,
+    sparsity: float | None,
+    pattern: Pattern | None = None,
+    calib_input_ids: torch.Tensor | None = None,
+    batch_size: int = 8,
+) -> Masks:
+    """Masks by method name. Wanda leaves the model pruned; follow with ``apply_masks`` always."""
+    if method == "magnitude":
+        return magnitude_masks(model, sparsity, pattern)
+    if method == "wanda":
+        if calib_input_ids is None:
+            raise ValueError("method 'wanda' needs calib_input_ids ([S, T] token ids)")
+        return wanda_masks(model, sparsity, calib_input_ids, pattern, batch_size=batch_size)
+    raise ValueError(f"unknown pruning method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+def _weights(model: nn.Module, masks: Mapping[str, torch.Tensor]):
+    for name, mask in masks.items():
+        weight = model.get_submodule(name).weight
+        if weight.shape != mask.shape:
+            raise ValueError(f"mask for {name} is {tuple(mask.shape)}, weight is {tuple(weight.shape)}")
+        yield weight, mask.to(weight.device)
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Zero the pruned weights in place (exact zeros, even where a weight was inf/nan)."""
+    for weight, mask in _weights(model, masks):
+        weight.masked_fill_(~mask, 0)
+    return model
+
+
+def enforce_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """After each optimizer step: re-zero pruned weights (weight decay, numerics)."""
+    apply_masks(model, masks)
+
+
+@torch.no_grad()
+def mask_gradients(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Before each optimizer step: zero pruned weights' gradients so Adam's moments stay 0."""
+    for weight, mask in _weights(model, masks):
+        if weight.grad is not None:
+            weight.grad.masked_fill_(~mask, 0)
+
+
+@torch.no_grad()
+def layer_sparsity(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, float]:
+    """Measured fraction of exact zeros in each layer's weight (default: the prunable ones)."""
+    names = list(prunable_linears(model)) if names is None else list(names)
+    out = {}
+    for name in names:
+        weight = model.get_submodule(name).weight
+        out[name] = 1.0 - torch.count_nonzero(weight).item() / weight.numel()
+    return out
+
+
+def sparsity_summary(
+    per_layer: Mapping[str, float], sizes: Mapping[str, int] | None = None
+) -> dict[str, float]:
+    """min / mean / max across layers, and overall = zeros / weights (size-weighted).
+
+    Without ``sizes`` every layer counts the same (overall == mean).
+    """
+    if not per_layer:
+        raise ValueError("no layers to summarise")
+    values = list(per_layer.values())
+    if sizes is None:
+        overall = sum(values) / len(values)
+    else:
+        total = sum(sizes[name] for name in per_layer)
+        overall = sum(round(s * sizes[name]) for name, s in per_layer.items()) / total
+    return {
+        "min": min(values),
+        "mean": sum(values) / len(values),
+        "max": max(values),
+        "overall": overall,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistence
+
+
+def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write masks as safetensors (bool as uint8), atomically: temp file, fsync, os.replace."""
+    path = Path(path)
+    tensors = {name: m.detach().to("cpu", torch.uint8).contiguous() for name, m in masks.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", "content": "prune-masks-uint8"})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_masks(path: str | os.PathLike, device: str | torch.device = "cpu") -> Masks:
+    """Read masks written by ``save_masks`` (safetensors: no pickle) back as bool tensors."""
+    masks = {}
+    for name, tensor in load_file(str(path), device=str(device)).items():
+        if tensor.dtype not in (torch.uint8, torch.bool):
+            raise ValueError(f"{path}: mask {name} has dtype {tensor.dtype}, expected uint8")
+        masks[name] = tensor.bool()
+    return masks
