@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,22 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` (an exponent without a dot) as a string; accept it as a float,
+    as every user who writes a learning rate expects."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -143,6 +160,9 @@ class ResourcesConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
+    # Save the sharded training state at every epoch end (and every_steps); off: nothing is
+    # saved and a resumed trial starts over (cheap for tiny models, see configs/demo.yaml).
+    enabled: bool = True
     # Also checkpoint every N optimizer steps inside an epoch (None: only at epoch ends).
     every_steps: int | None = None
     # Checkpoints kept per trial, besides the best one.
@@ -270,7 +290,13 @@ def _bind_dataclass(cls: Any, data: dict, prefix: str, problems: list[str]) -> A
     for f in dataclasses.fields(cls):
         if f.name in data:
             key = f"{prefix}.{f.name}" if prefix else f.name
-            kwargs[f.name] = _bind(hints[f.name], data[f.name], key, problems)
+            found: list[str] = []
+            value = _bind(hints[f.name], data[f.name], key, found)
+            problems.extend(found)
+            # A badly typed value keeps its default, so the range checks still run on the rest
+            # and every problem is reported at once; a nested section keeps its valid fields.
+            if not found or dataclasses.is_dataclass(hints[f.name]):
+                kwargs[f.name] = value
     return cls(**kwargs)
 
 
@@ -286,7 +312,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError([f"--set {item!r}: empty key segment"])
-    return parts, yaml.safe_load(raw) if raw.strip() else None
+    return parts, yaml_load(raw) if raw.strip() else None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -317,7 +343,7 @@ def load_config_dict(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise ConfigError([f"config file not found: {p}"])
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError([f"not valid YAML: {e}"], str(p)) from None
     if data is None:
@@ -330,10 +356,7 @@ def load_config_dict(path: str | os.PathLike) -> dict:
 def from_dict(data: dict, source: str | None = None, check_paths: bool = True) -> SweepConfig:
     problems: list[str] = []
     cfg = _bind_dataclass(SweepConfig, data, "", problems)
-    try:
-        problems.extend(p for p in validate(cfg, check_paths=check_paths) if p not in problems)
-    except (TypeError, AttributeError):
-        pass  # a value of the wrong type, already reported: report the rest at once next time
+    problems.extend(validate(cfg, check_paths=check_paths))
 
     if problems:
         raise ConfigError(problems, source)
@@ -470,6 +493,10 @@ def validate(cfg: SweepConfig, check_paths: bool = True) -> list[str]:
     for i, m in enumerate(cfg.grid.method or ()):
         if m not in ("magnitude", "wanda"):
             p.append(f"grid.method[{i}]: {m!r} is not one of 'magnitude' | 'wanda'")
+    for axis in ("method", "pattern"):
+        values = getattr(cfg.grid, axis) or ()
+        if len(set(values)) != len(values):
+            p.append(f"grid.{axis}: values repeat")
     t = cfg.train
     if t.num_epochs < 1:
         p.append(f"train.num_epochs: must be >= 1, got {t.num_epochs}")

@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from sweep.config import SweepConfig, to_dict
+from sweep.config import SweepConfig, parse_pattern, to_dict
 
 
 def steps_per_epoch(base_samples: int, batch_size: int) -> int:
@@ -59,7 +59,7 @@ def trial_id(sparsity: float, batch_size: int, method: str | None = None, patter
     if pattern not in (None, "none"):
         n, m = pattern.split(":")
         parts.append(f"{n}of{m}")
-    parts.append(f"s{sparsity:g}")
+    parts.append(f"s{sparsity:.12g}")
     parts.append(f"b{batch_size}")
     return "-".join(parts)
 
@@ -82,24 +82,31 @@ class TrialPlan:
 
 
 def expand(cfg: SweepConfig) -> list[TrialPlan]:
-    """The grid, in a stable order: method x pattern x sparsity x batch size."""
+    """The grid, in a stable order: method x pattern x sparsity x batch size.
+
+    An N:M pattern fixes the sparsity at 1 - N/M: for pattern trials the sparsity axis
+    collapses to that value (one trial per method, pattern and batch size)."""
     methods = cfg.grid.method or (cfg.prune.method,)
     patterns = cfg.grid.pattern or (cfg.prune.pattern,)
     name_method = cfg.grid.method is not None
     name_pattern = cfg.grid.pattern is not None or cfg.prune.pattern is not None
-    plans = []
+    plans: list[TrialPlan] = []
+    seen: set[str] = set()
     for method, pattern, sparsity, batch in itertools.product(
         methods, patterns, cfg.grid.sparsity, cfg.grid.batch_size
     ):
         pattern = None if pattern in (None, "none") else pattern
+        if pattern is not None:
+            n, m = parse_pattern(pattern)
+            sparsity = 1.0 - n / m
+        tid = trial_id(sparsity, batch, method if name_method else None,
+                       pattern if name_pattern else None)
+        if tid in seen:
+            continue
+        seen.add(tid)
         plans.append(
             TrialPlan(
-                trial_id=trial_id(
-                    sparsity,
-                    batch,
-                    method if name_method else None,
-                    pattern if name_pattern else None,
-                ),
+                trial_id=tid,
                 sparsity=float(sparsity),
                 batch_size=int(batch),
                 method=method,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from sweep.config import ConfigError, SweepConfig, from_dict, to_dict
+from sweep.config import ConfigError, SweepConfig, from_dict, to_dict, yaml_load
 from sweep.plan import expand, format_plan, grid_fingerprint
 
 CONFIG_FILE = "sweep.yaml"
@@ -47,7 +47,7 @@ def check_resume_compatible(cfg: SweepConfig, sweep_dir: Path) -> None:
         return
     old = json.loads(state_path.read_text())
     if old.get("fingerprint") != grid_fingerprint(cfg):
-        old_cfg = yaml.safe_load((sweep_dir / CONFIG_FILE).read_text()) if (sweep_dir / CONFIG_FILE).exists() else {}
+        old_cfg = yaml_load((sweep_dir / CONFIG_FILE).read_text()) if (sweep_dir / CONFIG_FILE).exists() else {}
         new_cfg = to_dict(cfg)
         changed = sorted(_diff_keys(old_cfg, new_cfg))
         changed = [k for k in changed if k.split(".")[0] not in ("name", "resources", "loggers", "failure")]
@@ -81,7 +81,7 @@ def load_sweep_config(sweep_dir: Path) -> SweepConfig:
     path = sweep_dir / CONFIG_FILE
     if not path.is_file():
         raise ConfigError([f"{sweep_dir} is not a sweep directory (no {CONFIG_FILE})"])
-    return from_dict(yaml.safe_load(path.read_text()), str(path))
+    return from_dict(yaml_load(path.read_text()), str(path))
 
 
 def run_sweep(cfg: SweepConfig, storage: Path, address: str | None, dry_run: bool) -> int:

@@ -59,6 +59,8 @@ def local_cluster_cpus(cfg: SweepConfig) -> int:
 def start_ray(cfg: SweepConfig, address: str | None) -> bool:
     """Connect to ``address`` (or RAY_ADDRESS), else start an embedded local cluster.
     Returns True when this process started the cluster (and must shut it down)."""
+    if ray.is_initialized():  # a caller (a notebook, a test) already connected
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}}
     if address:
@@ -133,8 +135,10 @@ class ResultsCallback(tune.Callback):
 
     Pickled into tuner.pkl with the run config, so the writer is rebuilt lazily."""
 
-    def __init__(self, sweep_dir: str, sweep: str, model: str, dense: float | None, plans: list[dict]):
+    def __init__(self, sweep_dir: str, sweep: str, model: str, dense: float | None,
+                 plans: list[dict], scheduler_name: str = "trial"):
         self.sweep_dir, self.sweep, self.model, self.dense = sweep_dir, sweep, model, dense
+        self.scheduler_name = scheduler_name
         self.plans = {p["trial_id"]: p for p in plans}
         self._writer: ResultsWriter | None = None
         self._t0: dict[str, float] = {}
@@ -205,19 +209,84 @@ class ResultsCallback(tune.Callback):
             "wall_s": result.get("wall_s"),
             "mem_peak_mb": max((r["mem_peak_mb"] or 0) for r in rows) or None,
             "updated_at": _now(),
+            # A trial that stopped itself (diverged, plateau) says so in its last report.
+            **({"status": result["status"], "stop_reason": result.get("stop_reason")}
+               if result.get("status") else {}),
         })
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         tid = _tid(trial)
         row = self.writer.trial(tid) or {}
-        if row.get("status") not in END_STATUSES:
-            self.writer.upsert_trial({"trial_id": tid, "status": "completed", "updated_at": _now()})
+        if row.get("status") in END_STATUSES:
+            return
+        done = row.get("epochs_completed") or 0
+        if done < self.plans[tid]["num_epochs"]:
+            # Ended before its last epoch without a reason of its own: the scheduler stopped it.
+            update = {"status": "early_stopped",
+                      "stop_reason": f"stopped by the {self.scheduler_name} scheduler after epoch {done}"}
+        else:
+            update = {"status": "completed", "stop_reason": None}
+        self.writer.upsert_trial({"trial_id": tid, **update, "updated_at": _now()})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         tid = _tid(trial)
         cause = _error_text(trial)
         self.writer.upsert_trial({"trial_id": tid, "status": "errored", "stop_reason": cause,
                                   "updated_at": _now()})
+
+
+class PlacementGroupReaper(tune.Callback):
+    """Frees a stopped trial's worker placement group.
+
+    When Tune stops a trial (ASHA), the trial actor is killed and its nested Train run's
+    placement group is only removed by Ray's cleaner, which needs the State API of
+    ray[default] (ray-project/ray#54305); without it later trials starve. Rank 0 reports its
+    placement group id with every result, and this callback removes it once the trial ends."""
+
+    def __init__(self) -> None:
+        self.pg_ids: dict[str, str] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if result.get("pg_id"):
+            self.pg_ids[trial.trial_id] = result["pg_id"]
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._reap(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._reap(trial)
+
+    def _reap(self, trial) -> None:
+        pg_hex = self.pg_ids.pop(trial.trial_id, None)
+        if pg_hex:
+            remove_placement_group_if_alive(pg_hex)
+
+
+def remove_placement_group_if_alive(pg_hex: str) -> bool:
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    try:
+        state = placement_group_table().get(pg_hex, {}).get("state")
+        if state in (None, "REMOVED"):
+            return False
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
+        return True
+    except Exception:  # best effort: never fail a sweep over cleanup
+        return False
+
+
+def build_scheduler(cfg: SweepConfig):
+    es = cfg.early_stop
+    if es.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        return ASHAScheduler(
+            time_attr="epoch", metric="perplexity", mode="min", max_t=cfg.train.num_epochs,
+            grace_period=es.grace_period, reduction_factor=es.reduction_factor,
+            # Trials reaching max_t finish on their own; stopping them would only leak resources.
+            stop_last_trials=False,
+        )
+    return None
 
 
 def _error_text(trial) -> str:
@@ -249,20 +318,22 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, plans: list[TrialPlan], ctx: 
         tune.with_parameters(trial_driver, ctx=ctx), {"cpu": cfg.resources.driver_cpus}
     )
     callback = ResultsCallback(
-        str(sweep_dir), cfg.name, ctx["model_name"], dense, [p.to_dict() for p in plans]
+        str(sweep_dir), cfg.name, ctx["model_name"], dense, [p.to_dict() for p in plans],
+        scheduler_name=cfg.early_stop.scheduler.upper(),
     )
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search([p.to_dict() for p in plans])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=n,
+            scheduler=build_scheduler(cfg),
             trial_name_creator=_tid,
             trial_dirname_creator=_tid,
         ),
         run_config=tune.RunConfig(
             name=TUNE_DIR,
             storage_path=str(sweep_dir),
-            callbacks=[callback],
+            callbacks=[callback, PlacementGroupReaper()],
             failure_config=tune.FailureConfig(max_failures=cfg.failure.trial_max_failures),
             verbose=1,
         ),

@@ -33,6 +33,7 @@ from trainers.prune import (
     layer_sparsity,
     load_masks,
     magnitude_masks,
+    mask_from_scores,
     mask_gradients,
     prunable_linears,
     pruned_count,
@@ -176,6 +177,21 @@ def test_magnitude_ties_are_deterministic():
     first = magnitude_masks(toy, 0.25)["layers.0"]
     assert torch.equal(first, magnitude_masks(toy, 0.25)["layers.0"])
     assert int((~first).sum()) == 8 and not first.flatten()[:8].any()  # lowest indices go first
+
+
+def test_tie_breaking_equals_a_stable_sort():
+    """Heavy ties (bf16-like weights): prune the lowest scores, lowest index first."""
+    gen = torch.Generator().manual_seed(0)
+    for rows, cols in [(5, 12), (3, 16)]:
+        score = torch.randint(0, 4, (rows, cols), generator=gen).float()
+        for k in range(cols + 1):
+            stable = torch.ones_like(score, dtype=torch.bool)
+            stable.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], False)
+            assert torch.equal(mask_from_scores(score, k / cols, None, per_row=True), stable)
+        flat = torch.ones(score.numel(), dtype=torch.bool)
+        flat[torch.sort(score.flatten(), stable=True).indices[:20]] = False
+        got = mask_from_scores(score, 20 / score.numel(), None, per_row=False)
+        assert torch.equal(got, flat.view_as(score))
 
 
 # ---------------------------------------------------------------------------------------------

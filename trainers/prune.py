@@ -14,8 +14,8 @@ With an N:M pattern, every group of M consecutive input weights of a row keeps i
 the sparsity is then implied (1 - N/M); pass ``sparsity=None`` or that value, anything else
 is rejected rather than silently ignored.
 
-Ties are broken deterministically: a stable sort over the scores, so among equal scores the
-lowest index is pruned first.
+Ties are broken deterministically, as a stable sort would: among equal scores the lowest
+index is pruned first.
 """
 
 from __future__ import annotations
@@ -112,21 +112,32 @@ def _check_pattern(pattern: Pattern) -> Pattern:
     return n, m
 
 
+def _mask_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Prune the k lowest scores along the last dimension; among equal scores, lowest index first.
+
+    Same result as a stable sort, in linear time (kthvalue + a cumulative count of ties):
+    sorting every layer of a 135M model took seconds on CPU.
+    """
+    mask = torch.ones_like(score, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    if k >= score.shape[-1]:
+        return ~mask
+    threshold = score.kthvalue(k, dim=-1, keepdim=True).values
+    below = score < threshold
+    tie = score == threshold
+    need = k - below.sum(dim=-1, keepdim=True)
+    return ~(below | (tie & (tie.cumsum(dim=-1) <= need)))
+
+
 def _mask_whole(score: torch.Tensor, k: int) -> torch.Tensor:
     """Prune the k lowest scores of the whole tensor."""
-    flat = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
-    if k:
-        flat[torch.sort(score.flatten(), stable=True).indices[:k]] = False
-    return flat.view(score.shape)
+    return _mask_lowest(score.flatten(), k).view(score.shape)
 
 
 def _mask_rows(score: torch.Tensor, k: int) -> torch.Tensor:
     """Prune the k lowest scores of each row (last dimension)."""
-    mask = torch.ones_like(score, dtype=torch.bool)
-    if k:
-        idx = torch.sort(score, dim=-1, stable=True).indices[..., :k]
-        mask.scatter_(-1, idx, False)
-    return mask
+    return _mask_lowest(score, k)
 
 
 def _mask_nm(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:

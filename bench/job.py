@@ -1,0 +1,359 @@
+"""The isolated jobs behind the benchmarks: ``python -m bench.job KIND ARGS_JSON OUT_JSON``.
+
+sweep         a real sweep through ``sweep.runner.run_sweep`` (Tune + TorchTrainer + FSDP2),
+              with a timeline of its start-up (bench.hooks) and its Parquet/Tune timings
+empty_fit     an empty ``TorchTrainer.fit()`` (1 CPU worker, reports once) on a fresh cluster
+bare_train    the trial's training steps in one plain process (optionally FSDP2 on 1 gloo rank)
+setup_replay  a trial worker's set-up (imports, model load, masks, shard, data) in a fresh process
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+T_PROCESS = time.time()
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    if hasattr(v, "item") and not isinstance(v, (list, dict, str)):
+        try:
+            return _jsonable(v.item())
+        except (ValueError, AttributeError):
+            return str(v)
+    if v is None or isinstance(v, (int, float, str, bool)):
+        return v
+    try:
+        import pandas as pd
+
+        if pd.isna(v):
+            return None
+    except (TypeError, ValueError, ImportError):
+        pass
+    return str(v)
+
+
+def _records(df) -> list[dict]:
+    return [{k: _jsonable(v) for k, v in row.items()} for row in df.to_dict("records")]
+
+
+def _timeline_env(tmp: str) -> str:
+    from bench.hooks import ENV, SPEC
+
+    path = os.path.join(tmp, "timeline.jsonl")
+    os.environ[ENV] = path
+    os.environ["RAY_TRAIN_CALLBACKS"] = SPEC
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def job_sweep(args: dict) -> dict:
+    """Run one sweep; stamps from the Tune driver (this process), the Train controller and
+    the workers (bench.hooks), then the Parquet rows and Tune's per-result timings."""
+    storage = Path(args["storage"])
+    timeline = _timeline_env(str(storage))
+    t_import = time.time()
+    from sweep import runner
+    from sweep import tune as st
+    from sweep.api import load
+    from sweep.config import from_dict
+
+    stamps: dict[str, float] = {"process_start": T_PROCESS, "imports_begin": t_import}
+    events: list[dict] = []
+
+    orig_start_ray = st.start_ray
+
+    def start_ray(cfg, address):
+        stamps["ray_init_begin"] = time.time()
+        try:
+            return orig_start_ray(cfg, address)
+        finally:
+            stamps["ray_init_end"] = time.time()
+
+    st.start_ray = start_ray
+
+    orig_make = runner._make_or_restore_tuner
+
+    def make_tuner(*a, **k):
+        stamps["prep_end"] = time.time()  # the prepare task has returned
+        return orig_make(*a, **k)
+
+    runner._make_or_restore_tuner = make_tuner
+
+    cls = st.ResultsCallback
+    orig = {n: getattr(cls, n) for n in ("setup", "on_trial_start", "on_trial_result",
+                                          "on_trial_complete", "on_trial_error")}
+
+    def setup(self, **info):
+        stamps["tuner_fit_begin"] = time.time()
+        return orig["setup"](self, **info)
+
+    def on_start(self, iteration, trials, trial, **info):
+        events.append({"event": "trial_start", "trial": st._tid(trial), "t": time.time()})
+        return orig["on_trial_start"](self, iteration, trials, trial, **info)
+
+    def on_result(self, iteration, trials, trial, result, **info):
+        events.append({"event": "trial_result", "trial": st._tid(trial), "t": time.time(),
+                       "epoch": result.get("epoch"), "kind": result.get("kind")})
+        return orig["on_trial_result"](self, iteration, trials, trial, result, **info)
+
+    def on_complete(self, iteration, trials, trial, **info):
+        events.append({"event": "trial_complete", "trial": st._tid(trial), "t": time.time()})
+        return orig["on_trial_complete"](self, iteration, trials, trial, **info)
+
+    def on_error(self, iteration, trials, trial, **info):
+        events.append({"event": "trial_error", "trial": st._tid(trial), "t": time.time()})
+        return orig["on_trial_error"](self, iteration, trials, trial, **info)
+
+    cls.setup, cls.on_trial_start, cls.on_trial_result = setup, on_start, on_result
+    cls.on_trial_complete, cls.on_trial_error = on_complete, on_error
+
+    cfg = from_dict(args["config"])
+    stamps["run_sweep_begin"] = time.time()
+    rc = runner.run_sweep(cfg, storage, None, False)
+    stamps["run_sweep_end"] = time.time()
+
+    sweep_dir = storage / cfg.name
+    res = load(sweep_dir)
+    tune_results = {}
+    tune_dir = sweep_dir / st.TUNE_DIR
+    keep = ("epoch", "kind", "time_total_s", "time_this_iter_s", "timestamp", "eval_s", "wall_s",
+            "tokens_per_s", "epoch_steps", "tokens", "steps", "training_iteration", "pid")
+    for f in sorted(tune_dir.glob("*/result.json")):
+        rows = []
+        for line in f.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows.append({k: _jsonable(r.get(k)) for k in keep})
+        tune_results[f.parent.name] = rows
+    from sweep.plan import expand
+    from sweep.tune import local_cluster_cpus, max_concurrent_trials, trial_resources
+
+    plans = expand(cfg)
+    concurrency = max_concurrent_trials({"CPU": float(local_cluster_cpus(cfg))},
+                                        trial_resources(cfg), len(plans),
+                                        cfg.resources.max_concurrent_trials)
+    return {
+        "rc": rc,
+        "sweep_dir": str(sweep_dir),
+        "stamps": stamps,
+        "events": events,
+        "timeline": __import__("bench.hooks", fromlist=["read"]).read(timeline),
+        "epochs": _records(res.epochs),
+        "trials": _records(res.trials),
+        "tune": tune_results,
+        "concurrency": concurrency,
+        "plans": [p.to_dict() for p in plans],
+        "env": {k: os.environ.get(k) for k in args.get("report_env", [])},
+    }
+
+
+def job_empty_fit(args: dict) -> dict:
+    """An empty TorchTrainer.fit() on a fresh local cluster set up like sweep.tune.start_ray:
+    1 CPU worker whose train function only reports its start time once."""
+    tmp = tempfile.mkdtemp(prefix="bench-empty-")
+    timeline = _timeline_env(tmp)
+    t_import = time.time()
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t_imported = time.time()
+    env = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    ray.init(num_cpus=args.get("num_cpus", 3), runtime_env=env, log_to_driver=False)
+    t_ray = time.time()
+
+    def empty(config):
+        import time as _t
+
+        import ray.train as rt
+
+        rt.report({"fn_start": _t.time()})
+
+    trainer = TorchTrainer(
+        empty,
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(name="empty", storage_path=os.path.join(tmp, "train")),
+    )
+    t_fit = time.time()
+    result = trainer.fit()
+    t_done = time.time()
+    ray.shutdown()
+    from bench.hooks import read
+
+    return {
+        "stamps": {"process_start": T_PROCESS, "imports_begin": t_import,
+                   "imports_end": t_imported, "ray_init_end": t_ray, "fit_begin": t_fit,
+                   "fit_end": t_done, "fn_start": result.metrics.get("fn_start")},
+        "timeline": read(timeline),
+    }
+
+
+def _trial_inputs(sweep_dir: Path, trial_id: str) -> dict:
+    import yaml
+
+    from sweep.config import from_dict
+    from sweep.plan import expand
+    from sweep.prep import PREP_DIR, mask_key
+
+    cfg = from_dict(yaml.safe_load((sweep_dir / "sweep.yaml").read_text()))
+    plan = next(p for p in expand(cfg) if p.trial_id == trial_id)
+    prep = sweep_dir / PREP_DIR
+    models = sorted((sweep_dir.parent / ".cache" / "models").iterdir())
+    model_dir = next(m for m in models if not m.name.startswith("."))
+    return {
+        "cfg": cfg, "plan": plan, "model_dir": str(model_dir),
+        "mask_path": str(prep / "masks" / f"{mask_key(plan.method, plan.pattern, plan.sparsity)}.safetensors"),
+        "train_tokens": str(prep / "train_tokens.safetensors"),
+        "eval_windows": str(prep / "eval_windows.safetensors"),
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_bare_train(args: dict) -> dict:
+    """The trial's steps in one process: the sweep's own materialized model, masks and
+    training tokens, the same data order (worker_batch), lr schedule and ``train_step``, one
+    torch thread like the worker. ``fsdp``: also wrap with FSDP2 on a 1-rank gloo group, as
+    the worker does (separates FSDP's cost from Ray's)."""
+    import torch
+
+    torch.set_num_threads(args.get("threads", 1))
+    from safetensors.torch import load_file
+
+    from sweep.config import ModelConfig
+    from sweep.plan import lr_at
+    from trainers.data import micro_batches, pack_blocks, worker_batch
+    from trainers.model import load_model
+    from trainers.prune import apply_masks, decoder_blocks, load_masks
+    from trainers.step import train_step
+
+    inp = _trial_inputs(Path(args["sweep_dir"]), args["trial_id"])
+    cfg, plan = inp["cfg"], inp["plan"]
+    torch.manual_seed(cfg.train.seed)
+    model = load_model(ModelConfig(name_or_path=inp["model_dir"]))  # eval mode, as the worker
+    masks = load_masks(inp["mask_path"])
+    apply_masks(model, masks)
+    if args.get("fsdp"):
+        import torch.distributed as dist
+
+        from trainers.parallel import shard_masks, shard_model
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        _, blocks_list = decoder_blocks(model)
+        shard_model(model, blocks_list, mixed_precision=False)
+        lmasks = shard_masks(model, masks)
+    else:
+        lmasks = {k: v.to(torch.float32) for k, v in masks.items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=cfg.train.weight_decay)
+    blocks = pack_blocks(load_file(inp["train_tokens"])["tokens"], cfg.data.seq_len)
+    total = plan.steps_per_epoch * plan.num_epochs
+    device = torch.device("cpu")
+
+    def step(s: int) -> float:
+        t0 = time.perf_counter()
+        idx = worker_batch(s, plan.batch_size, blocks.shape[0], cfg.train.seed, 0, 1)
+        train_step(model, opt, blocks, micro_batches(idx, plan.grad_accum), lmasks,
+                   lr_at(s, plan.lr, total, cfg.train.warmup_frac), cfg.train.max_grad_norm, device)
+        return time.perf_counter() - t0
+
+    first = step(0)
+    for s in range(1, args["warmup"]):
+        step(s)
+    lo, hi = args["first_step"], args["first_step"] + args["steps"]
+    times = [step(s) for s in range(lo, hi)]
+    train_s = sum(times)
+    tokens = len(times) * plan.batch_size * cfg.data.seq_len
+    return {"tokens_per_s": tokens / train_s, "train_s": train_s, "steps": len(times),
+            "first_step_s": first, "median_step_s": sorted(times)[len(times) // 2],
+            "fsdp": bool(args.get("fsdp"))}
+
+
+def job_setup_replay(args: dict) -> dict:
+    """What a fresh trial worker does before its first step, in a fresh process, timed piece
+    by piece (the worker itself reports only the sum, as epoch 0's wall_s)."""
+    t = {"process_start": T_PROCESS}
+    t0 = time.time()
+    import torch
+
+    t["import_torch_s"] = time.time() - t0
+    torch.set_num_threads(1)
+    t0 = time.time()
+    import trainers.worker  # noqa: F401 - the train function's module, as Ray unpickles it
+
+    t["import_worker_module_s"] = time.time() - t0
+    t0 = time.time()
+    from sweep.config import ModelConfig
+    from trainers.model import load_model
+
+    t["import_transformers_s"] = time.time() - t0
+    from safetensors.torch import load_file
+
+    from eval.perplexity import evaluate
+    from trainers.data import pack_blocks
+    from trainers.parallel import shard_masks, shard_model
+    from trainers.prune import apply_masks, decoder_blocks, load_masks
+
+    inp = _trial_inputs(Path(args["sweep_dir"]), args["trial_id"])
+    cfg = inp["cfg"]
+    t0 = time.time()
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    t["init_process_group_s"] = time.time() - t0
+    t0 = time.time()
+    model = load_model(ModelConfig(name_or_path=inp["model_dir"]))
+    t["load_model_s"] = time.time() - t0
+    t0 = time.time()
+    masks = load_masks(inp["mask_path"])
+    apply_masks(model, masks)
+    t["masks_s"] = time.time() - t0
+    t0 = time.time()
+    _, blocks_list = decoder_blocks(model)
+    shard_model(model, blocks_list, mixed_precision=False)
+    shard_masks(model, masks)
+    torch.optim.AdamW(model.parameters(), lr=1e-3)
+    t["shard_s"] = time.time() - t0
+    t0 = time.time()
+    pack_blocks(load_file(inp["train_tokens"])["tokens"], cfg.data.seq_len)
+    w = load_file(inp["eval_windows"])
+    t["load_data_s"] = time.time() - t0
+    t0 = time.time()
+    evaluate(model, w["input_ids"], w["labels"], batch_size=cfg.eval.batch_size)
+    t["baseline_eval_s"] = time.time() - t0
+    dist.destroy_process_group()
+    return t
+
+
+JOBS = {"sweep": job_sweep, "empty_fit": job_empty_fit, "bare_train": job_bare_train,
+        "setup_replay": job_setup_replay}
+
+
+def main() -> None:
+    kind, args, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    result = JOBS[kind](args)
+    Path(out).write_text(json.dumps(result, default=_jsonable))
+
+
+if __name__ == "__main__":
+    main()
