@@ -152,9 +152,9 @@ def format_table(rows: list[Row]) -> str:
         ])
     widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h)
               for i, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)),
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
            "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(x, widths)) for x in lines]
+    out += ["  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in lines]
     notes = [f"  {r.name}: {r.note}" for r in rows if r.note]
     if notes:
         out += ["", "notes:"] + notes

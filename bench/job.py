@@ -173,13 +173,20 @@ def job_empty_fit(args: dict) -> dict:
     env = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}}
     ray.init(num_cpus=args.get("num_cpus", 3), runtime_env=env, log_to_driver=False)
     t_ray = time.time()
+    # Like the sweep, which runs its prepare task before the first trial: let the cluster's
+    # pre-started workers settle, so fit() is not timed against their boot.
+    ray.get(ray.remote(lambda: None).options(num_cpus=1).remote())
+    time.sleep(args.get("settle_s", 2.0))
 
     def empty(config):
-        import time as _t
+        import os as _os
 
         import ray.train as rt
 
-        rt.report({"fn_start": _t.time()})
+        from bench.hooks import ENV, mark
+
+        mark(_os.environ.get(ENV), "fn_start")
+        rt.report({"done": 1})
 
     trainer = TorchTrainer(
         empty,
@@ -193,11 +200,16 @@ def job_empty_fit(args: dict) -> dict:
     ray.shutdown()
     from bench.hooks import read
 
+    events = read(timeline)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
     return {
         "stamps": {"process_start": T_PROCESS, "imports_begin": t_import,
                    "imports_end": t_imported, "ray_init_end": t_ray, "fit_begin": t_fit,
-                   "fit_end": t_done, "fn_start": result.metrics.get("fn_start")},
-        "timeline": read(timeline),
+                   "fit_end": t_done},
+        "error": str(result.error) if getattr(result, "error", None) else None,
+        "timeline": events,
     }
 
 

@@ -8,7 +8,9 @@ grid; a trial only reads it. Rank 0's metrics reach Tune; rank 0 writes the tria
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -174,6 +176,16 @@ class Trial:
             "lr": plan["lr"], "status": st.stopped, "stop_reason": st.stop_reason, **extra,
         }
 
+    def progress(self) -> None:
+        """Rank 0 keeps SWEEP_DIR/logs/<trial>.progress.json at the current step, so a person
+        (or a test) can see how far a trial got, and how much a crash cost, without Ray."""
+        if self.rank != 0 or not self.config["log_path"]:
+            return
+        path = Path(self.config["log_path"]).with_suffix(".progress.json")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"epoch": self.st.epoch, "step": self.st.step, "time": time.time()}))
+        os.replace(tmp, path)
+
     def export_best(self) -> None:
         if self.config["export_dir"]:
             export_hf(self.model, Path(self.config["model_dir"]), Path(self.config["export_dir"]))
@@ -224,6 +236,7 @@ class Trial:
             st.epoch_loss_sum += loss
             st.epoch_loss_steps += 1
             st.epoch_train_s += time.perf_counter() - t0
+            self.progress()
             if every and st.step % every == 0 and st.step < end:
                 last = st.history[-1]
                 self.report({"kind": "step", "epoch": st.epoch, "perplexity": last["perplexity"],

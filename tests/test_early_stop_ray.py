@@ -1,0 +1,60 @@
+"""Early stopping through real Ray: every trial ends, some early, and resources come back."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from sweep.config import load_config
+from sweep.results import END_STATUSES, EPOCHS_FILE, TRIALS_FILE, results_dir
+from sweep.runner import run_sweep
+
+pytestmark = pytest.mark.ray
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-early-stop.yaml"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=3, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _settled(start: dict, timeout: float = 60) -> dict:
+    deadline = time.time() + timeout
+    now = ray.available_resources()
+    while time.time() < deadline:
+        now = ray.available_resources()
+        if all(abs(now.get(k, 0) - v) < 1e-6 for k, v in start.items() if k in ("CPU", "GPU")):
+            break
+        time.sleep(1)
+    return now
+
+
+def test_grid_with_early_stopping_ends_and_frees_resources(cluster, tmp_path):
+    cfg = load_config(CONFIG)
+    start = ray.available_resources()
+    # include_dashboard=False above: Ray's own placement-group cleaner has no State API here,
+    # so freeing the stopped trials' workers is up to the sweep's PlacementGroupReaper.
+    rc = run_sweep(cfg, tmp_path, address=None, dry_run=False)
+    assert rc == 0
+    trials = pq.read_table(results_dir(tmp_path / cfg.name) / TRIALS_FILE).to_pylist()
+    epochs = pq.read_table(results_dir(tmp_path / cfg.name) / EPOCHS_FILE).to_pylist()
+    assert len(trials) == 6
+    assert all(t["status"] in END_STATUSES for t in trials), [(t["trial_id"], t["status"]) for t in trials]
+    stopped = [t for t in trials if t["status"] in ("early_stopped", "diverged")]
+    assert stopped, [(t["trial_id"], t["status"]) for t in trials]
+    assert any(t["status"] == "completed" for t in trials)
+    for t in trials:
+        rows = sorted(r["epoch"] for r in epochs if r["trial_id"] == t["trial_id"])
+        assert rows == list(range(t["epochs_completed"] + 1))  # every row up to the stop
+        if t["status"] != "completed":
+            assert t["stop_reason"] and t["epochs_completed"] < 3
+            assert Path(t["best_checkpoint"]).is_dir()  # the best model stays usable
+    now = _settled(start)
+    assert now.get("CPU") == pytest.approx(start["CPU"]), (start, now)
