@@ -97,7 +97,12 @@ class JobFailed(RuntimeError):
 def run_job(kind: str, args: dict, env: dict | None = None, timeout: float = 300,
             log_dir: Path | None = None) -> dict:
     """Run ``bench.job`` ``kind`` in a fresh Python process; returns its JSON answer."""
-    with tempfile.TemporaryDirectory(prefix="bench-job-") as tmp:
+    # A private Ray temp dir: ray.init() without an address otherwise attaches to the cluster
+    # last started with `ray start` on this machine (its address is in /tmp/ray), and fails on
+    # num_cpus. Short path: Ray's unix sockets live under it.
+    with tempfile.TemporaryDirectory(prefix="bench-job-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="rb-", dir="/tmp") as ray_tmp:
+        env = {**(env or {}), "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": None}
         out = Path(tmp) / "out.json"
         log_dir = log_dir or OUT_DIR / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)

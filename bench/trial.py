@@ -170,23 +170,35 @@ def bench_fixed_cost(ctx) -> list[Row]:
         details={"trial": trial, "empty_fit": empty, "worker_setup_replay_s": replay},
     )]
     if not ctx["quick"]:
-        env = {HEALTH_ENV: "0.2"}
-        fast = empty_fit_breakdown(run_job("empty_fit", {}, env=env, timeout=240))
-        rows.append(Row(
-            "fixed_cost", f"  empty fit() total, {HEALTH_ENV}=0.2", "0.2 s", fast["fit_total_s"],
-            "default 2 s", empty["fit_total_s"], ratio(fast["fit_total_s"], empty["fit_total_s"]),
-            unit="s", details={"empty_fit_fast": fast},
-        ))
-        res_fast = run_trial_sweep(ctx, env=env, tag="hc02")
-        fast_trial = trial_breakdown(res_fast)
-        rows.append(Row(
-            "fixed_cost", f"  trial start->1st step, {HEALTH_ENV}=0.2", "0.2 s",
-            fast_trial["first_step_s"], "default 2 s", a, ratio(fast_trial["first_step_s"], a),
-            unit="s", details={"trial_fast": fast_trial},
-        ))
-        rows.append(Row(
-            "fixed_cost", f"  whole trial (Tune start->complete), {HEALTH_ENV}=0.2", "0.2 s",
-            fast_trial["trial_total_s"], "default 2 s", trial["trial_total_s"],
-            ratio(fast_trial["trial_total_s"], trial["trial_total_s"]), unit="s",
-        ))
+        try:
+            rows += _health_check_variants(ctx, empty, trial, a)
+        except Exception as e:  # noqa: BLE001 - the variants are extras: keep the main row
+            rows.append(Row("fixed_cost", f"  {HEALTH_ENV}=0.2 variants (FAILED)", "", None, "",
+                            None, None, note=f"{type(e).__name__}: {e}".splitlines()[0][:300]))
+    return rows
+
+
+def _health_check_variants(ctx, empty: dict, trial: dict, a: float | None) -> list[Row]:
+    """The same empty fit() and the same 1x1 sweep with the Train controller polling every
+    0.2 s instead of 2 s (the env var reaches the cluster: ray.init inherits the job's env)."""
+    env = {HEALTH_ENV: "0.2"}
+    rows: list[Row] = []
+    fast = empty_fit_breakdown(run_job("empty_fit", {}, env=env, timeout=240))
+    rows.append(Row(
+        "fixed_cost", f"  empty fit() total, {HEALTH_ENV}=0.2", "0.2 s", fast["fit_total_s"],
+        "default 2 s", empty["fit_total_s"], ratio(fast["fit_total_s"], empty["fit_total_s"]),
+        unit="s", details={"empty_fit_fast": fast},
+    ))
+    res_fast = run_trial_sweep(ctx, env=env, tag="hc02")
+    fast_trial = trial_breakdown(res_fast)
+    rows.append(Row(
+        "fixed_cost", f"  trial start->1st step, {HEALTH_ENV}=0.2", "0.2 s",
+        fast_trial["first_step_s"], "default 2 s", a, ratio(fast_trial["first_step_s"], a),
+        unit="s", details={"trial_fast": fast_trial},
+    ))
+    rows.append(Row(
+        "fixed_cost", f"  whole trial (Tune start->complete), {HEALTH_ENV}=0.2", "0.2 s",
+        fast_trial["trial_total_s"], "default 2 s", trial["trial_total_s"],
+        ratio(fast_trial["trial_total_s"], trial["trial_total_s"]), unit="s",
+    ))
     return rows

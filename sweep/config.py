@@ -8,6 +8,7 @@ Every field carries a comment that is the config reference (the README mirrors i
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import types
@@ -70,6 +71,7 @@ class TextSource:
     path: str | None = None
     # source=dataset: hub name or local directory for datasets.load_dataset.
     dataset: str | None = "wikitext"
+    # source=dataset: the dataset's configuration name, split, and text column.
     dataset_config: str | None = "wikitext-2-raw-v1"
     split: str = "test"
     text_field: str = "text"
@@ -95,6 +97,8 @@ class EvalConfig:
     text: TextSource = field(default_factory=TextSource)
     # Window length and stride in tokens (the contract's perplexity protocol).
     token_length: int = 2048
+    # Windows start every `stride` tokens; stride < token_length overlaps them, the overlap
+    # being context only; stride > token_length is refused.
     stride: int = 2048
     # Evaluate only the first K windows (None: all).
     max_windows: int | None = None
@@ -120,9 +124,11 @@ class TrainConfig:
     base_samples: int = 10000
     # Learning rate at batch size 1; lr = base_lr * sqrt(batch_size) under lr_rule "sqrt".
     base_lr: float = 5e-6
+    # How lr grows with the batch: sqrt (adaptive optimizers), linear (SGD), constant.
     lr_rule: Literal["sqrt", "linear", "constant"] = "sqrt"
     # Linear warmup over this fraction of all steps (0: none).
     warmup_frac: float = 0.0
+    # AdamW weight decay (pruned weights stay zero: they are re-masked after every step).
     weight_decay: float = 0.0
     # Clip the global gradient norm (None: no clipping).
     max_grad_norm: float | None = 1.0
@@ -137,9 +143,12 @@ class TrainConfig:
 class GridConfig:
     # Grid axes: every combination becomes one trial.
     sparsity: tuple[float, ...] = (0.5,)
+    # Global batch sizes (sequences per optimizer step, across all workers).
     batch_size: tuple[int, ...] = (1,)
-    # Optional extra axes (default: prune.method / prune.pattern).
+    # Optional axis of pruning methods (default: prune.method alone).
     method: tuple[str, ...] | None = None
+    # Optional axis of N:M patterns, "none" for unstructured (default: prune.pattern alone). A
+    # pattern fixes its trials' sparsity at 1 - N/M.
     pattern: tuple[str, ...] | None = None
 
 
@@ -147,6 +156,7 @@ class GridConfig:
 class ResourcesConfig:
     # Ray Train workers per trial (FSDP2 ranks); the global batch is split across them.
     workers: int = 1
+    # Ray resources of each worker; GPUs switch on NCCL and bf16 mixed precision.
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     # Concurrent trials (None: as many as the cluster fits, each fully placed).
@@ -156,6 +166,8 @@ class ResourcesConfig:
     driver_cpus: float = 0.01
     # Torch threads per worker (None: cpus_per_worker rounded down, at least 1).
     torch_threads: int | None = None
+    # Custom Ray resources each worker needs, e.g. {"a100": 1} to pin trials to such nodes.
+    custom_per_worker: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -167,7 +179,8 @@ class CheckpointConfig:
     every_steps: int | None = None
     # Checkpoints kept per trial, besides the best one.
     keep_last: int = 2
-    # Save the best model in Hugging Face format (safetensors) at the end of each trial.
+    # Keep the best model so far in Hugging Face format (safetensors, masks applied) under
+    # SWEEP_DIR/export/<trial>, rewritten whenever a trial beats its best (the baseline first).
     export_best: bool = True
 
 
@@ -175,6 +188,7 @@ class CheckpointConfig:
 class EarlyStopConfig:
     # Trial scheduler on perplexity (mode min, time attribute: the trial's epoch).
     scheduler: Literal["none", "asha"] = "none"
+    # ASHA: epochs before the first cut, and the fraction 1/reduction_factor kept at each rung.
     grace_period: int = 1
     reduction_factor: float = 2.0
     # Plateau stop: stop after `plateau_patience` evaluations that each improve the best
@@ -400,8 +414,6 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
 def resolve_model_path(name_or_path: str) -> str:
     """``pkg:<package>`` names the directory of an installed Python package."""
     if name_or_path.startswith("pkg:"):
-        import importlib.util
-
         spec = importlib.util.find_spec(name_or_path[4:])
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError(f"Python package {name_or_path[4:]!r} is not installed")
@@ -523,6 +535,9 @@ def validate(cfg: SweepConfig, check_paths: bool = True) -> list[str]:
         p.append(f"resources.max_concurrent_trials: must be >= 1, got {r.max_concurrent_trials}")
     if not 0 < r.driver_cpus <= 1:
         p.append(f"resources.driver_cpus: must be in (0, 1], got {r.driver_cpus}")
+    for name, amount in (r.custom_per_worker or {}).items():
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount <= 0:
+            p.append(f"resources.custom_per_worker.{name}: must be a number > 0, got {amount!r}")
     if r.torch_threads is not None and r.torch_threads < 1:
         p.append(f"resources.torch_threads: must be >= 1, got {r.torch_threads}")
     g = cfg.grid
@@ -567,4 +582,6 @@ def validate(cfg: SweepConfig, check_paths: bool = True) -> list[str]:
     for i, lg in enumerate(cfg.loggers):
         if lg not in ("wandb", "mlflow"):
             p.append(f"loggers[{i}]: {lg!r} is not one of 'wandb' | 'mlflow'")
+        elif check_paths and importlib.util.find_spec(lg) is None:
+            p.append(f"loggers[{i}]: {lg!r} needs the {lg} package (pip install {lg})")
     return p

@@ -42,6 +42,7 @@ EPOCHS_SCHEMA = pa.schema(
         ("tokens_per_s", pa.float64()),  # training tokens per second over the epoch
         ("mem_peak_mb", pa.float64()),  # peak memory on rank 0 (CUDA allocator or process RSS)
         ("eval_tokens", pa.int64()),  # tokens scored by the evaluation
+        ("node_id", pa.string()),  # the Ray node of rank 0
         ("timestamp", pa.timestamp("us", tz="UTC")),
     ]
 )

@@ -139,7 +139,8 @@ def _trial_context(cfg: SweepConfig, sweep_dir: Path, prep: dict) -> dict:
         "model_name": cfg.model.name_or_path or f"config:{cfg.model.config.get('model_type')}",
         "masks": prep["masks"],
         "target_sparsity": prep["target_sparsity"],
-        "resources": {"cpus_per_worker": r.cpus_per_worker, "gpus_per_worker": r.gpus_per_worker},
+        "resources": {"cpus_per_worker": r.cpus_per_worker, "gpus_per_worker": r.gpus_per_worker,
+                      "custom_per_worker": r.custom_per_worker},
         "worker_max_failures": cfg.failure.worker_max_failures,
         "keep_last": cfg.checkpoint.keep_last,
         "export_best": cfg.checkpoint.export_best,
@@ -216,4 +217,13 @@ def config_from_args(path: str, overrides: list[str], shortcuts: dict) -> SweepC
 
 
 def env_storage(storage: str | None) -> Path:
-    return Path(storage or os.environ.get("SWEEP_STORAGE", "./sweeps")).expanduser()
+    """``--storage`` (or $SWEEP_STORAGE, or ./sweeps): a local or shared-filesystem directory.
+    Every node of a multi-node cluster must see it at the same path (NFS, Lustre, a FUSE
+    mount of a bucket)."""
+    raw = storage or os.environ.get("SWEEP_STORAGE", "./sweeps")
+    if "://" in raw:
+        raise ConfigError([
+            f"--storage {raw}: object-store URIs are not supported yet; mount the bucket "
+            "(e.g. with a FUSE driver) on every node and give its path"
+        ])
+    return Path(raw).expanduser()

@@ -34,6 +34,8 @@ def trial_resources(cfg: SweepConfig) -> dict[str, float]:
     res = {"CPU": r.workers * r.cpus_per_worker + r.driver_cpus}
     if r.gpus_per_worker:
         res["GPU"] = r.workers * r.gpus_per_worker
+    for name, amount in (r.custom_per_worker or {}).items():
+        res[name] = r.workers * amount
     return res
 
 
@@ -62,10 +64,12 @@ def start_ray(cfg: SweepConfig, address: str | None) -> bool:
     if ray.is_initialized():  # a caller (a notebook, a test) already connected
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        # No runtime_env here: inside `ray job submit --working-dir .` the job's own runtime
+        # environment (which ships this project to every node) must stay in force.
+        ray.init(address=address, log_to_driver=True)
         return False
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     # include_dashboard left at its default: Ray's placement-group cleaner needs the State API
     # to free a stopped trial's workers (ray-notes.md, ray-project/ray#54305).
     ray.init(num_cpus=local_cluster_cpus(cfg), runtime_env=env, log_to_driver=True)
@@ -88,7 +92,7 @@ def trial_driver(config: dict, ctx: dict) -> None:
     tid = plan["trial_id"]
     res = ctx["resources"]
     gpu = res["gpus_per_worker"] > 0
-    per_worker = {"CPU": res["cpus_per_worker"]}
+    per_worker = {"CPU": res["cpus_per_worker"], **(res["custom_per_worker"] or {})}
     if gpu:
         per_worker["GPU"] = res["gpus_per_worker"]
     sweep_dir = Path(ctx["sweep_dir"])
@@ -190,7 +194,8 @@ class ResultsCallback(tune.Callback):
             "samples": result.get("samples"), "tokens": result.get("tokens"),
             "sparsity_actual": result.get("sparsity_actual"), "wall_s": result.get("wall_s"),
             "tokens_per_s": result.get("tokens_per_s"), "mem_peak_mb": result.get("mem_peak_mb"),
-            "eval_tokens": result.get("eval_tokens"), "timestamp": _now(),
+            "eval_tokens": result.get("eval_tokens"), "node_id": result.get("node_id"),
+            "timestamp": _now(),
         })
         rows = self.writer.epochs_of(tid)
         finite = [r for r in rows if r["perplexity"] is not None and math.isfinite(r["perplexity"])]
@@ -275,6 +280,22 @@ def remove_placement_group_if_alive(pg_hex: str) -> bool:
         return False
 
 
+def logger_callbacks(cfg: SweepConfig) -> list:
+    """Experiment trackers the config names, through Ray Tune's own logger callbacks (they read
+    their credentials from the environment: WANDB_API_KEY, MLFLOW_TRACKING_URI). TensorBoard
+    files are always written by Tune's default loggers."""
+    out = []
+    if "wandb" in cfg.loggers:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        out.append(WandbLoggerCallback(project=cfg.name))
+    if "mlflow" in cfg.loggers:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        out.append(MLflowLoggerCallback(experiment_name=cfg.name))
+    return out
+
+
 def build_scheduler(cfg: SweepConfig):
     es = cfg.early_stop
     if es.scheduler == "asha":
@@ -333,7 +354,7 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, plans: list[TrialPlan], ctx: 
         run_config=tune.RunConfig(
             name=TUNE_DIR,
             storage_path=str(sweep_dir),
-            callbacks=[callback, PlacementGroupReaper()],
+            callbacks=[callback, PlacementGroupReaper(), *logger_callbacks(cfg)],
             failure_config=tune.FailureConfig(max_failures=cfg.failure.trial_max_failures),
             verbose=1,
         ),

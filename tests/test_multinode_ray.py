@@ -1,4 +1,4 @@
-"""A grid on a simulated two-node cluster (ray.cluster_utils.Cluster on one machine).
+"""A grid over pruning methods on a simulated two-node cluster (ray.cluster_utils.Cluster).
 
 The head node holds only the trial drivers; each of two worker nodes offers one trial's worth
 of a custom resource, so two concurrent trials must land on different nodes."""
@@ -40,6 +40,10 @@ def test_trials_run_on_both_nodes(two_nodes, tmp_path):
             "resources.cpus_per_worker=0.5",
             "resources.custom_per_worker={trial_slot: 1}",
             "train.base_samples=64",  # long enough that two trials overlap
+            # Pruning method as a grid axis (issue 7): each mask is computed once and shared.
+            "grid.method=[magnitude, wanda]",
+            "grid.sparsity=[0.5]",
+            "prune.calibration_samples=16",
         ],
     )
     assert run_sweep(cfg, tmp_path, address=cluster.address, dry_run=False) == 0
@@ -50,3 +54,11 @@ def test_trials_run_on_both_nodes(two_nodes, tmp_path):
     assert len(epochs) == 4 * 3
     used = {r["node_id"] for r in epochs}
     assert used == set(worker_nodes), used  # never the head, and both worker nodes
+    assert {(t["method"], t["batch_size"]) for t in trials} == {
+        (m, b) for m in ("magnitude", "wanda") for b in (2, 4)
+    }
+    assert {r["method"] for r in epochs} == {"magnitude", "wanda"}
+    masks = sorted(p.name for p in (sweep_dir / "prep" / "masks").iterdir())
+    assert masks == ["magnitude-s0.5.safetensors", "wanda-s0.5.safetensors"]  # once per mask
+    for r in epochs:
+        assert r["sparsity_actual"] == pytest.approx(0.5, abs=1e-3)
