@@ -233,6 +233,7 @@ class Trial:
                 tcfg["max_grad_norm"], self.device,
             )
             st.step += 1
+            _injected_failure(plan["trial_id"], st.step)
             st.epoch_loss_sum += loss
             st.epoch_loss_steps += 1
             st.epoch_train_s += time.perf_counter() - t0
@@ -300,6 +301,14 @@ class Trial:
             self.epoch()
         final = st.history[-1]["perplexity"]
         self.log(format_summary(st.baseline, final, st.best, st.best_epoch))
+
+
+def _injected_failure(trial_id: str, step: int) -> None:
+    """Test hook: SWEEP_INJECT_FAILURE="<trial_id>:<step>" makes that trial's workers raise
+    after that step, every attempt (a trial that keeps failing)."""
+    spec = os.environ.get("SWEEP_INJECT_FAILURE")
+    if spec and spec == f"{trial_id}:{step}":
+        raise RuntimeError(f"injected failure in {trial_id} at step {step}")
 
 
 def train_loop(config: dict) -> None:

@@ -1,0 +1,31 @@
+"""The README stays true: every config key is documented, and the two commands are shown."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+from sweep.config import SweepConfig, TextSource
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def _keys(cls, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp) and tp is not TextSource:
+            yield from _keys(tp, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name
+
+
+def test_every_config_key_is_in_the_readme():
+    missing = [k for k in _keys(SweepConfig) if f"`{k}`" not in README]
+    missing += [k for k in _keys(TextSource) if f"`{k}`" not in README]
+    assert not missing, missing
+
+
+def test_the_two_commands_are_shown():
+    assert "make demo" in README and "make test" in README
