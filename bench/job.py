@@ -1,5 +1,6 @@
 """The isolated jobs behind the benchmarks: ``python -m bench.job KIND ARGS_JSON OUT_JSON``.
 
+prepare       sweep.prep.prepare alone (no Ray), so a bare loop can run before the sweep
 sweep         a real sweep through ``sweep.runner.run_sweep`` (Tune + TorchTrainer + FSDP2),
               with a timeline of its start-up (bench.hooks) and its Parquet/Tune timings
 empty_fit     an empty ``TorchTrainer.fit()`` (1 CPU worker, reports once) on a fresh cluster
@@ -213,14 +214,28 @@ def job_empty_fit(args: dict) -> dict:
     }
 
 
-def _trial_inputs(sweep_dir: Path, trial_id: str) -> dict:
+def job_prepare(args: dict) -> dict:
+    """The sweep's per-sweep preparation (sweep.prep.prepare) ahead of the sweep, without Ray,
+    so the bare loop can be timed before the sweep too; run_sweep then reuses the artefacts."""
+    from sweep.config import from_dict
+    from sweep.plan import expand
+    from sweep.prep import prepare
+
+    cfg = from_dict(args["config"])
+    storage = Path(args["storage"])
+    out = prepare(cfg, str(storage / cfg.name), str(storage / ".cache" / "models"),
+                  [p.to_dict() for p in expand(cfg)], 1)
+    return {"timings": out["timings"], "model_dir": out["model_dir"]}
+
+
+def _trial_inputs(sweep_dir: Path, trial_id: str, config: dict | None = None) -> dict:
     import yaml
 
     from sweep.config import from_dict
     from sweep.plan import expand
     from sweep.prep import PREP_DIR, mask_key
 
-    cfg = from_dict(yaml.safe_load((sweep_dir / "sweep.yaml").read_text()))
+    cfg = from_dict(config or yaml.safe_load((sweep_dir / "sweep.yaml").read_text()))
     plan = next(p for p in expand(cfg) if p.trial_id == trial_id)
     prep = sweep_dir / PREP_DIR
     models = sorted((sweep_dir.parent / ".cache" / "models").iterdir())
@@ -258,7 +273,7 @@ def job_bare_train(args: dict) -> dict:
     from trainers.prune import apply_masks, decoder_blocks, load_masks
     from trainers.step import train_step
 
-    inp = _trial_inputs(Path(args["sweep_dir"]), args["trial_id"])
+    inp = _trial_inputs(Path(args["sweep_dir"]), args["trial_id"], args.get("config"))
     cfg, plan = inp["cfg"], inp["plan"]
     torch.manual_seed(cfg.train.seed)
     model = load_model(ModelConfig(name_or_path=inp["model_dir"]))  # eval mode, as the worker
@@ -357,8 +372,8 @@ def job_setup_replay(args: dict) -> dict:
     return t
 
 
-JOBS = {"sweep": job_sweep, "empty_fit": job_empty_fit, "bare_train": job_bare_train,
-        "setup_replay": job_setup_replay}
+JOBS = {"sweep": job_sweep, "empty_fit": job_empty_fit, "prepare": job_prepare,
+        "bare_train": job_bare_train, "setup_replay": job_setup_replay}
 
 
 def main() -> None:

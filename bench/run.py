@@ -1,6 +1,6 @@
 """``make bench``: run the benchmarks, print the table, write bench/out/results.json.
 
-    .venv/bin/python -m bench.run [--quick] [--only NAME[,NAME]] [--keep] [--out PATH]
+    .venv/bin/python -m bench.run [--quick] [--only NAME[,NAME]] [--extra] [--keep] [--out PATH]
 
 Each figure is a ratio of two things measured side by side in this run; goals are printed
 and checked, never asserted: the exit status is 1 only when a benchmark failed to run.
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats, no env-var variants")
     ap.add_argument("--only", action="append", default=[], metavar="NAME",
                     help=f"run only these (repeat or comma-separate): {', '.join(NAMES)}")
+    ap.add_argument("--extra", action="store_true",
+                    help="also rerun the 1x1 sweep with RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 (~1 min)")
     ap.add_argument("--keep", action="store_true", help="keep the sweeps' temporary directories")
     ap.add_argument("--out", default=str(OUT_DIR / "results.json"))
     args = ap.parse_args(argv)
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     benches = _benches()
     tmp = tempfile.mkdtemp(prefix="bench-")
-    ctx = {"quick": args.quick, "tmp": tmp, "cache": {}}
+    ctx = {"quick": args.quick, "extra": args.extra, "tmp": tmp, "cache": {}}
     rows: list[Row] = []
     failures: dict[str, str] = {}
     timings: dict[str, float] = {}

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from sweep.cli import main
+from sweep.config import ConfigError
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 TINY_IDS = ["s0.5-b2", "s0.5-b4", "s0.8-b2", "s0.8-b4"]
@@ -89,3 +90,24 @@ def test_query_missing_dir(tmp_path, capsys):
     assert main(["query", str(missing)]) == 2
     assert str(missing) in capsys.readouterr().err
     assert not missing.exists()
+
+
+def test_changed_grid_is_refused_on_resume(tmp_path, capsys):
+    """A sweep directory continues only with a config that gives the same grid; resources
+    may change."""
+    from sweep.config import load_config
+    from sweep.runner import check_resume_compatible, write_sweep_state
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    cfg = load_config(tiny, check_paths=False)
+    sweep_dir = tmp_path / "tiny"
+    write_sweep_state(cfg, sweep_dir)
+    check_resume_compatible(load_config(tiny, ["resources.max_concurrent_trials=1"]), sweep_dir)
+    changed = load_config(tiny, ["grid.sparsity=[0.5, 0.9]", "train.base_lr=1e-4"])
+    with pytest.raises(ConfigError) as err:
+        check_resume_compatible(changed, sweep_dir)
+    assert "grid.sparsity" in str(err.value) and "train.base_lr" in str(err.value)
+    # Through the CLI: exit 2, nothing started.
+    rc = main(["run", str(tiny), "--storage", str(tmp_path), "--set", "grid.sparsity=[0.9]"])
+    assert rc == 2
+    assert "different grid" in capsys.readouterr().err

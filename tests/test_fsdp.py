@@ -6,7 +6,6 @@ sharded step must equal a single-process step on the same global batch.
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 
