@@ -57,6 +57,8 @@ def prepare(cfg: SweepConfig, sweep_dir: str, cache_dir: str, plans: list[dict],
     from trainers.prune import apply_masks, compute_masks, save_masks
 
     torch.set_num_threads(threads)
+    # On a GPU node the dense evaluation and Wanda's calibration pass run on the GPU.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prep = Path(sweep_dir) / PREP_DIR
     prep.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -87,7 +89,7 @@ def prepare(cfg: SweepConfig, sweep_dir: str, cache_dir: str, plans: list[dict],
         dense = json.loads(dense_path.read_text())
     else:
         t = time.perf_counter()
-        model = load_model(local_mc)
+        model = load_model(local_mc).to(device)
         w = load_file(str(eval_path))
         ev = evaluate(model, w["input_ids"], w["labels"], batch_size=cfg.eval.batch_size, progress=True)
         dense = {**ev, "seconds": time.perf_counter() - t, "model": to_dict(cfg.model)}
@@ -105,7 +107,7 @@ def prepare(cfg: SweepConfig, sweep_dir: str, cache_dir: str, plans: list[dict],
         if path.exists():
             continue
         t = time.perf_counter()
-        model = load_model(local_mc)  # fresh weights: Wanda prunes as it goes
+        model = load_model(local_mc).to(device)  # fresh weights: Wanda prunes as it goes
         calib = None
         if p["method"] == "wanda":
             if blocks is None:
