@@ -65,6 +65,7 @@ def job_sweep(args: dict) -> dict:
     storage = Path(args["storage"])
     timeline = _timeline_env(str(storage))
     t_import = time.time()
+    from bench.hooks import read as read_timeline
     from sweep import runner
     from sweep import tune as st
     from sweep.api import load
@@ -150,7 +151,7 @@ def job_sweep(args: dict) -> dict:
         "sweep_dir": str(sweep_dir),
         "stamps": stamps,
         "events": events,
-        "timeline": __import__("bench.hooks", fromlist=["read"]).read(timeline),
+        "timeline": read_timeline(timeline),
         "epochs": _records(res.epochs),
         "trials": _records(res.trials),
         "tune": tune_results,

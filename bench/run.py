@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = [n for n in NAMES if not only or n in only]
 
     benches = _benches()
+    shutil.rmtree(OUT_DIR / "logs", ignore_errors=True)  # the jobs' logs of this run only
     tmp = tempfile.mkdtemp(prefix="bench-")
     ctx = {"quick": args.quick, "extra": args.extra, "tmp": tmp, "cache": {}}
     rows: list[Row] = []

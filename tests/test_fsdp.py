@@ -6,9 +6,6 @@ sharded step must equal a single-process step on the same global batch.
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -72,9 +69,9 @@ def reference(masks, accum: int):
     return {n: p.detach().clone() for n, p in model.state_dict().items()}, grads, losses
 
 
-def _worker(rank: int, world: int, port: int, masks, accum: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, store: str, masks, accum: int, out: str) -> None:
+    # A file store, not a TCP port: no race with other processes for a free port.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = tiny_model()
     with torch.no_grad():
@@ -113,18 +110,13 @@ def _worker(rank: int, world: int, port: int, masks, accum: int, out: str) -> No
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("accum", [1, 2])
 def test_fsdp_step_matches_single_process(tmp_path, accum):
     masks = magnitude_masks_ref(tiny_model(), 0.5)
     ref_params, ref_grads, ref_losses = reference(masks, accum)
     out = str(tmp_path / "fsdp.pt")
-    mp.spawn(_worker, args=(2, free_port(), masks, accum, out), nprocs=2, join=True)
+    store = str(tmp_path / "store")
+    mp.spawn(_worker, args=(2, store, masks, accum, out), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
     for name, g in ref_grads.items():
         torch.testing.assert_close(got["grads"][name], g, rtol=1e-5, atol=1e-7, msg=name)
