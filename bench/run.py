@@ -22,6 +22,7 @@ from bench.common import OUT_DIR, Row, format_table
 
 
 def _benches():
+    from bench.early_stop import bench_early_stop
     from bench.evaluation import bench_evaluation
     from bench.fsdp_memory import bench_fsdp_memory
     from bench.trial import bench_fixed_cost, bench_trial_efficiency
@@ -33,10 +34,12 @@ def _benches():
         "evaluation": bench_evaluation,
         "utilization": bench_utilization,
         "fsdp_memory": bench_fsdp_memory,
+        "early_stop": bench_early_stop,
     }
 
 
-NAMES = ["trial_efficiency", "fixed_cost", "evaluation", "utilization", "fsdp_memory"]
+NAMES = ["trial_efficiency", "fixed_cost", "evaluation", "utilization", "fsdp_memory",
+         "early_stop"]
 
 
 def main(argv: list[str] | None = None) -> int:
