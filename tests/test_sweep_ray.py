@@ -145,6 +145,16 @@ def _progress(sweep_dir: Path, tid: str) -> dict:
         return {"step": -1, "epoch": -1}
 
 
+def _settled_progress(sweep_dir: Path, tid: str, quiet_s: float = 5.0) -> int:
+    last, since = _progress(sweep_dir, tid)["step"], time.time()
+    while time.time() - since < quiet_s:
+        time.sleep(0.5)
+        now = _progress(sweep_dir, tid)["step"]
+        if now != last:
+            last, since = now, time.time()
+    return last
+
+
 def _compare_with_reference(sweep_dir: Path, reference: Path, tid: str) -> None:
     got = {r["epoch"]: r for r in read(sweep_dir, EPOCHS_FILE) if r["trial_id"] == tid}
     ref = {r["epoch"]: r for r in read(reference, EPOCHS_FILE) if r["trial_id"] == tid}
@@ -170,7 +180,9 @@ def test_kill_driver_then_resume(reference, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its embedded Ray, at once
         proc.wait()
-    reached = _progress(sweep_dir, tid)["step"]
+    # Ray's worker processes live in process groups of their own and notice the dead raylet
+    # a moment later: wait until the trial's progress stops moving before measuring.
+    reached = _settled_progress(sweep_dir, tid)
     status = {t["trial_id"]: t["status"] for t in read(sweep_dir, TRIALS_FILE)}
     assert status[tid] == "running"
     resumed = run_cli(["resume", str(sweep_dir)])
@@ -203,7 +215,7 @@ def test_kill_worker_restarts_from_checkpoint(reference, tmp_path):
     proc = subprocess.Popen(sweep_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        _wait_for(lambda: _progress(sweep_dir, tid)["step"] >= 10, 300, proc)
+        _wait_for(lambda: _progress(sweep_dir, tid)["step"] >= 14, 300, proc)
         pids = _train_worker_pids()
         assert pids, "no Ray Train worker process found"
         reached = _progress(sweep_dir, tid)["step"]
