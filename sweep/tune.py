@@ -352,12 +352,17 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, plans: list[TrialPlan], ctx: 
         str(sweep_dir), cfg.name, ctx["model_name"], dense, [p.to_dict() for p in plans],
         scheduler_name=cfg.early_stop.scheduler.upper(),
     )
+    scheduler = build_scheduler(cfg)
+    # The metric is perplexity, lower is better; a scheduler carries it itself (Tune refuses
+    # it twice), otherwise the Tuner does, so ResultGrid.get_best_result() works.
+    metric = {} if scheduler is not None else {"metric": "perplexity", "mode": "min"}
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search([p.to_dict() for p in plans])},
         tune_config=tune.TuneConfig(
+            **metric,
             max_concurrent_trials=n,
-            scheduler=build_scheduler(cfg),
+            scheduler=scheduler,
             trial_name_creator=_tid,
             trial_dirname_creator=_tid,
         ),
