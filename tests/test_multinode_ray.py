@@ -39,7 +39,7 @@ def test_trials_run_on_both_nodes(two_nodes, tmp_path):
         [
             "resources.cpus_per_worker=0.5",
             "resources.custom_per_worker={trial_slot: 1}",
-            "train.base_samples=64",  # long enough that two trials overlap
+            "train.base_samples=256",  # long enough that concurrent trials overlap in time
             # Pruning method as a grid axis (issue 7): each mask is computed once and shared.
             "grid.method=[magnitude, wanda]",
             "grid.sparsity=[0.5]",
