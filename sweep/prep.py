@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from sweep.config import ModelConfig, SweepConfig, parse_pattern, to_dict
-from sweep.plan import TrialPlan
 
 PREP_DIR = "prep"
 
@@ -128,7 +127,3 @@ def prepare(cfg: SweepConfig, sweep_dir: str, cache_dir: str, plans: list[dict],
         "target_sparsity": targets,
         "timings": timings,
     }
-
-
-def plans_as_dicts(plans: list[TrialPlan]) -> list[dict]:
-    return [p.to_dict() for p in plans]

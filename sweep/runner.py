@@ -19,6 +19,7 @@ import yaml
 
 from sweep.config import ConfigError, SweepConfig, from_dict, to_dict, yaml_load
 from sweep.plan import expand, format_plan, grid_fingerprint
+from sweep.results import END_STATUSES
 
 CONFIG_FILE = "sweep.yaml"
 STATE_FILE = "sweep.json"
@@ -109,7 +110,9 @@ def _run(cfg: SweepConfig, sweep_dir: Path, plans, address: str | None, log: Swe
     t0 = time.perf_counter()
     owns = st.start_ray(cfg, address)
     try:
-        threads = max(1, math.floor(ray.cluster_resources().get("CPU", 1) - 1)) if owns else max(1, int(cfg.resources.cpus_per_worker))
+        # On the embedded cluster nothing else runs yet: preparation may use every core.
+        cores = ray.cluster_resources().get("CPU", 1) - 1 if owns else cfg.resources.cpus_per_worker
+        threads = max(1, math.floor(cores))
         task = ray.remote(prepare).options(
             num_cpus=min(cfg.resources.cpus_per_worker, ray.cluster_resources().get("CPU", 1)),
             num_gpus=cfg.resources.gpus_per_worker,
@@ -180,18 +183,17 @@ def _make_or_restore_tuner(cfg, sweep_dir: Path, plans, ctx: dict, dense, log: S
 
 
 def _summarize(sweep_dir: Path, log: SweepLog, wall_s: float) -> int:
+    """The report table; exit 1 when a trial errored or did not reach an end state."""
     from sweep.report import build_report, format_report
 
     df = build_report(sweep_dir)
     log(format_report(df))
-    errored = df[df["status"] == "errored"] if "status" in df else []
-    unfinished = df[~df["status"].isin(["completed", "early_stopped", "diverged", "errored"])] if "status" in df else []
     log(f"sweep finished in {wall_s:.1f} s; results in {sweep_dir / 'results'}")
-    for _, r in getattr(errored, "iterrows", lambda: [])():
-        print(f"trial {r['trial_id']} errored: {r.get('stop_reason')}", file=sys.stderr)
-    if len(errored) or len(unfinished):
-        return 1
-    return 0
+    errored = df[df["status"] == "errored"]
+    unfinished = df[~df["status"].isin(END_STATUSES)]
+    for _, r in errored.iterrows():
+        print(f"trial {r['trial_id']} errored: {r['stop_reason']}", file=sys.stderr)
+    return 1 if len(errored) or len(unfinished) else 0
 
 
 def resume_sweep(sweep_dir: Path, address: str | None) -> int:

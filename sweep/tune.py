@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from pathlib import Path
-from typing import Any
 
 import ray
 from ray import tune
@@ -155,10 +153,9 @@ class ResultsCallback(tune.Callback):
         self.scheduler_name = scheduler_name
         self.plans = {p["trial_id"]: p for p in plans}
         self._writer: ResultsWriter | None = None
-        self._t0: dict[str, float] = {}
 
     def __getstate__(self):
-        return {**self.__dict__, "_writer": None, "_t0": {}}
+        return {**self.__dict__, "_writer": None}
 
     @property
     def writer(self) -> ResultsWriter:
@@ -183,7 +180,6 @@ class ResultsCallback(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         tid = _tid(trial)
-        self._t0[tid] = time.time()
         self.writer.upsert_trial({"trial_id": tid, "status": "running", "stop_reason": None,
                                   "updated_at": _now()})
 
@@ -375,7 +371,3 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, plans: list[TrialPlan], ctx: 
         ),
     )
     return tuner, n
-
-
-def run_grid(tuner) -> Any:
-    return tuner.fit()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -89,6 +88,3 @@ class TrialLog:
         if self.path:
             with open(self.path, "a") as f:
                 f.write("".join(f"{stamp} {line}\n" for line in lines))
-
-    def progress_stream(self):
-        return sys.stderr if self.enabled else None
