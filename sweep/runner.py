@@ -164,19 +164,12 @@ def _trial_context(cfg: SweepConfig, sweep_dir: Path, prep: dict) -> dict:
 
 
 def _make_or_restore_tuner(cfg, sweep_dir: Path, plans, ctx: dict, dense, log: SweepLog):
-    from ray import tune
-
     from sweep import tune as st
 
-    tune_path = sweep_dir / st.TUNE_DIR
-    if tune.Tuner.can_restore(str(tune_path)):
-        log(f"resuming the Tune experiment in {tune_path} (finished trials are kept)")
-        trainable = tune.with_resources(
-            tune.with_parameters(st.trial_driver, ctx=ctx), {"cpu": cfg.resources.driver_cpus}
-        )
-        return tune.Tuner.restore(
-            str(tune_path), trainable, resume_unfinished=True, resume_errored=True
-        )
+    tuner = st.restore_tuner(cfg, sweep_dir, ctx)
+    if tuner is not None:
+        log(f"resuming the Tune experiment in {sweep_dir / st.TUNE_DIR} (finished trials are kept)")
+        return tuner
     tuner, n = st.build_tuner(cfg, sweep_dir, plans, ctx, dense)
     log(f"running {len(plans)} trials, at most {n} at once")
     return tuner

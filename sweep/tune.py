@@ -337,13 +337,29 @@ def _now():
 # The grid
 
 
+def make_trainable(cfg: SweepConfig, ctx: dict):
+    """The trial driver with its per-sweep context and its sliver of CPU."""
+    return tune.with_resources(
+        tune.with_parameters(trial_driver, ctx=ctx), {"cpu": cfg.resources.driver_cpus}
+    )
+
+
+def restore_tuner(cfg: SweepConfig, sweep_dir: Path, ctx: dict):
+    """The sweep's Tune experiment if one can be continued (finished trials kept, unfinished
+    and errored ones resumed), else None."""
+    path = str(sweep_dir / TUNE_DIR)
+    if not tune.Tuner.can_restore(path):
+        return None
+    return tune.Tuner.restore(
+        path, make_trainable(cfg, ctx), resume_unfinished=True, resume_errored=True
+    )
+
+
 def build_tuner(cfg: SweepConfig, sweep_dir: Path, plans: list[TrialPlan], ctx: dict, dense: float | None):
     n = max_concurrent_trials(
         ray.cluster_resources(), trial_resources(cfg), len(plans), cfg.resources.max_concurrent_trials
     )
-    trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, ctx=ctx), {"cpu": cfg.resources.driver_cpus}
-    )
+    trainable = make_trainable(cfg, ctx)
     callback = ResultsCallback(
         str(sweep_dir), cfg.name, ctx["model_name"], dense, [p.to_dict() for p in plans],
         scheduler_name=cfg.early_stop.scheduler.upper(),

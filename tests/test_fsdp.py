@@ -56,7 +56,7 @@ def reference(masks, accum: int):
                 mod.weight.mul_(masks[name])
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     blocks = data()
-    fmasks = {k: v.float() for k, v in masks.items()}
+    pruned = shard_masks(model, masks)  # no process group: whole tensors
     grads, losses = None, []
     for step in range(STEPS):
         idx = worker_batch(step, BATCH, N_BLOCKS, seed=0, rank=0, world_size=1)
@@ -66,7 +66,7 @@ def reference(masks, accum: int):
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
             opt.zero_grad()
         losses.append(
-            train_step(model, opt, blocks, micro_batches(idx, accum), fmasks, LR, 1.0, torch.device("cpu"))
+            train_step(model, opt, blocks, micro_batches(idx, accum), pruned, LR, 1.0, torch.device("cpu"))
         )
     return {n: p.detach().clone() for n, p in model.state_dict().items()}, grads, losses
 
@@ -81,7 +81,7 @@ def _worker(rank: int, world: int, store: str, masks, accum: int, out: str) -> N
             if name in masks:
                 mod.weight.mul_(masks[name])
     shard_model(model, model.model.layers, mixed_precision=False)
-    lmasks = shard_masks(model, masks)
+    pruned = shard_masks(model, masks)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     blocks = data()
     grads, losses = {}, []
@@ -93,13 +93,13 @@ def _worker(rank: int, world: int, store: str, masks, accum: int, out: str) -> N
             grads = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
             opt.zero_grad()
         losses.append(
-            train_step(model, opt, blocks, micro_batches(idx, accum), lmasks, LR, 1.0, torch.device("cpu"))
+            train_step(model, opt, blocks, micro_batches(idx, accum), pruned, LR, 1.0, torch.device("cpu"))
         )
     loss_t = torch.tensor(losses, dtype=torch.float64)
     dist.all_reduce(loss_t)
     zeros_ok = all(
-        bool((local(dict(model.named_modules())[n].weight)[~m.bool()] == 0).all()) if m.numel() else True
-        for n, m in ((n, lm) for n, lm in lmasks.items())
+        bool((local(dict(model.named_modules())[n].weight)[m] == 0).all()) if m.numel() else True
+        for n, m in ((n, lm) for n, lm in pruned.items())
     )
     sparsity = measured_sparsity(model, sorted(masks))
     full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}

@@ -48,40 +48,45 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def shard_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full masks (module name -> bool, True = keep) -> the local shard of each, laid out like
-    the weight it masks, as float tensors on the weight's device (cheap to multiply)."""
+    """Full masks (module name -> bool, True = keep) -> the local shard of each weight's
+    *pruned* positions (bool, True = pruned), laid out like the weight (a DTensor shard under
+    FSDP2, the whole tensor otherwise), on the weight's device. Inverted once here so the
+    per-step masking allocates nothing."""
     modules = dict(model.named_modules())
     out = {}
     for name, mask in masks.items():
         weight = modules[name].weight
         if isinstance(weight, DTensor):
+            # Distributed as floats (collectives need a numeric dtype), then back to bool.
             dmask = distribute_tensor(
                 mask.to(weight.dtype).to(weight.device_mesh.device_type),
                 weight.device_mesh,
                 weight.placements,
             )
-            out[name] = dmask.to_local()
+            keep = dmask.to_local().bool()
         else:
-            out[name] = mask.to(device=weight.device, dtype=weight.dtype)
-        if out[name].shape != local(weight).shape:
+            keep = mask.to(device=weight.device, dtype=torch.bool)
+        if keep.shape != local(weight).shape:
             raise RuntimeError(f"mask shard of {name} does not line up with its weight shard")
+        out[name] = ~keep
     return out
 
 
 @torch.no_grad()
-def mask_gradients(model: nn.Module, local_masks: dict[str, torch.Tensor]) -> None:
-    modules = dict(model.named_modules())
-    for name, mask in local_masks.items():
-        grad = modules[name].weight.grad
+def mask_gradients(model: nn.Module, pruned: dict[str, torch.Tensor]) -> None:
+    """Before each optimizer step: zero pruned weights' gradients so Adam's moments stay 0."""
+    for name, where in pruned.items():
+        grad = model.get_submodule(name).weight.grad
         if grad is not None:
-            local(grad).mul_(mask)
+            local(grad).masked_fill_(where, 0)
 
 
 @torch.no_grad()
-def enforce_masks(model: nn.Module, local_masks: dict[str, torch.Tensor]) -> None:
-    modules = dict(model.named_modules())
-    for name, mask in local_masks.items():
-        local(modules[name].weight).mul_(mask)
+def enforce_masks(model: nn.Module, pruned: dict[str, torch.Tensor]) -> None:
+    """After each optimizer step: re-zero pruned weights (weight decay, numerics). A fill,
+    not a multiply: an inf weight times 0 would be NaN, not an exact zero."""
+    for name, where in pruned.items():
+        local(model.get_submodule(name).weight).masked_fill_(where, 0)
 
 
 @torch.no_grad()

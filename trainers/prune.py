@@ -373,19 +373,6 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
     return model
 
 
-def enforce_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
-    """After each optimizer step: re-zero pruned weights (weight decay, numerics)."""
-    apply_masks(model, masks)
-
-
-@torch.no_grad()
-def mask_gradients(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
-    """Before each optimizer step: zero pruned weights' gradients so Adam's moments stay 0."""
-    for weight, mask in _weights(model, masks):
-        if weight.grad is not None:
-            weight.grad.masked_fill_(~mask, 0)
-
-
 @torch.no_grad()
 def layer_sparsity(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, float]:
     """Measured fraction of exact zeros in each layer's weight (default: the prunable ones)."""

@@ -15,12 +15,13 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     blocks: torch.Tensor,
     micro: list[list[int]],
-    local_masks: dict[str, torch.Tensor],
+    pruned: dict[str, torch.Tensor],
     lr: float,
     max_grad_norm: float | None,
     device: torch.device,
 ) -> float:
     """Forward/backward over this worker's micro-batches (rows of ``blocks``), then one step.
+    ``pruned``: each masked layer's pruned positions, as ``trainers.parallel.shard_masks`` gives.
 
     Each micro-batch's mean token loss is weighted by its share of the worker's sequences, so
     the accumulated gradient is the mean over the worker's share whatever the split; FSDP's
@@ -38,7 +39,7 @@ def train_step(
         weight = len(idx) / total
         (loss * weight).backward()
         loss_sum += loss.item() * weight
-    mask_gradients(model, local_masks)
+    mask_gradients(model, pruned)
     if max_grad_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         if hasattr(norm, "full_tensor"):
@@ -47,5 +48,5 @@ def train_step(
             loss_sum = float("nan")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    enforce_masks(model, local_masks)
+    enforce_masks(model, pruned)
     return loss_sum

@@ -97,7 +97,7 @@ class Trial:
         self.names = sorted(masks)
         self.sizes = {n: m.numel() for n, m in masks.items()}
         self.model = shard_model(model, blocks, mixed_precision=self.device.type == "cuda")
-        self.lmasks = shard_masks(self.model, masks)
+        self.pruned = shard_masks(self.model, masks)
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=self.plan["lr"], weight_decay=cfg["train"]["weight_decay"]
         )
@@ -229,7 +229,7 @@ class Trial:
                                self.rank, self.world)
             loss = train_step(
                 self.model, self.opt, self.blocks, micro_batches(idx, plan["grad_accum"]),
-                self.lmasks, lr_at(st.step, plan["lr"], total_steps, tcfg["warmup_frac"]),
+                self.pruned, lr_at(st.step, plan["lr"], total_steps, tcfg["warmup_frac"]),
                 tcfg["max_grad_norm"], self.device,
             )
             st.step += 1
