@@ -3,7 +3,9 @@
 Works on a sweep copied off a cluster and on one still running: the writer replaces each file
 atomically, so a read sees either the previous or the new complete file. ``path`` may be a
 SWEEP_DIR (it has ``results/``) or a directory holding several sweeps; their rows are
-concatenated and the ``sweep`` column tells them apart.
+concatenated and the ``sweep`` column tells them apart. It may also be the URI of a sweep, or
+of a storage root, in an object store (``s3://bucket/sweeps/demo``): the results tables are
+copied to the local staging cache (sweep/storage.py) and read from there.
 
     from sweep.api import load
     r = load("sweeps/demo")
@@ -13,6 +15,7 @@ concatenated and the ``sweep`` column tells them apart.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -43,9 +46,41 @@ def _has_results(d: Path) -> bool:
     return any((res / name).exists() for name, _ in TABLES.values())
 
 
+def pull_results(uri: str) -> Path:
+    """A local copy of the results of the sweep (or of every sweep of the storage root) at
+    ``uri``: ``<staging>/<sweep>/results``. Raises FileNotFoundError naming the URI."""
+    from pyarrow import fs as pafs
+
+    from sweep.storage import Store
+
+    store = Store.open(uri)
+    remote = store.remote
+    if remote.kind("results") == "dir":
+        remote.pull("results", store.local / remote.name / "results")
+        return store.local / remote.name
+    try:
+        infos = remote.fs.get_file_info(pafs.FileSelector(remote.path(), recursive=False))
+    except FileNotFoundError:
+        infos = []
+    names = {i.base_name: f"{i.base_name}/results" for i in infos
+             if i.type == pafs.FileType.Directory and remote.kind(f"{i.base_name}/results")}
+    if not names:
+        raise FileNotFoundError(f"no results under {remote.display()}: expected results/ there "
+                                "or in its sub-directories")
+    local = store.local / "_root"
+    shutil.rmtree(local, ignore_errors=True)  # sweeps deleted from the store go too
+    for name, rel in names.items():
+        remote.pull(rel, local / name / "results")
+    return local
+
+
 def find_sweeps(path: str | os.PathLike) -> list[Path]:
     """The sweep directories under ``path``: itself when it has results, else its
     sub-directories that have them (sorted). Raises FileNotFoundError naming ``path``."""
+    from sweep.storage import is_uri
+
+    if is_uri(str(path)):
+        path = pull_results(str(path))
     p = Path(path).expanduser()
     if not p.is_dir():
         raise FileNotFoundError(f"no such sweep directory: {p}")

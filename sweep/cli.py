@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from sweep.config import ConfigError
 
@@ -13,7 +12,7 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="validate a config, print the trial plan, run the grid")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("--name", help="sweep name (default: the config's name); re-running a name resumes it")
-    p.add_argument("--storage", help="parent directory of SWEEP_DIR (default ./sweeps, or $SWEEP_STORAGE)")
+    p.add_argument("--storage", help="parent directory of SWEEP_DIR, or an object-store URI (default ./sweeps, or $SWEEP_STORAGE)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set train.base_lr=1e-4 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the trial plan only")
@@ -26,7 +25,7 @@ def _add_run(sub) -> None:
 
 def _add_resume(sub) -> None:
     p = sub.add_parser("resume", help="continue an interrupted sweep from SWEEP_DIR")
-    p.add_argument("sweep_dir")
+    p.add_argument("sweep_dir", help="SWEEP_DIR, or the sweep's URI when --storage was one")
     p.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else embedded)")
 
 
@@ -63,10 +62,7 @@ def _cmd_run(args) -> int:
 def _cmd_resume(args) -> int:
     from sweep.runner import resume_sweep
 
-    d = Path(args.sweep_dir)
-    if not d.is_dir():
-        raise ConfigError([f"sweep directory not found: {d}"])
-    return resume_sweep(d, args.address)
+    return resume_sweep(args.sweep_dir, args.address)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -191,7 +191,7 @@ def plot_sweep(path: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``sweep plot``."""
-    parser.add_argument("sweep_dir", help="a SWEEP_DIR, or a directory holding several sweeps")
+    parser.add_argument("sweep_dir", help="a SWEEP_DIR, a directory holding several sweeps, or either one's object-store URI")
     parser.add_argument(
         "-o",
         "--output",

@@ -46,22 +46,33 @@ def calibration_ids(blocks: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return blocks[idx]
 
 
-def prepare(cfg: SweepConfig, sweep_dir: str, cache_dir: str, plans: list[dict], threads: int) -> dict:
+def prepare(cfg: SweepConfig, sweep_dir: str, cache_dir: str, plans: list[dict], threads: int,
+            store=None) -> dict:
     """Runs as a Ray task (so on a cluster it lands where a worker would). Returns the paths
-    and figures the trials need."""
+    and figures the trials need. With a URI ``store`` (sweep/storage.py) what the store already
+    holds is pulled instead of recomputed, and what is computed here is pushed to it."""
+    from sweep.storage import Store
+
+    store = store or Store(Path(sweep_dir).parent)  # a plain directory: nothing to sync
     from eval.perplexity import evaluate, make_windows
     from eval.text import load_text, tokenize_text
     from trainers.data import pack_blocks
-    from trainers.model import load_model, load_tokenizer, materialize
+    from trainers.model import cache_target, load_model, load_tokenizer, materialize
     from trainers.prune import apply_masks, compute_masks, save_masks
 
     torch.set_num_threads(threads)
     # On a GPU node the dense evaluation and Wanda's calibration pass run on the GPU.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prep = Path(sweep_dir) / PREP_DIR
+    if not prep.exists():
+        store.pull(prep)  # prepared on another machine (a resume on a fresh node)
     prep.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t = time.perf_counter()
+    try:
+        store.ensure(cache_target(cfg.model, Path(cache_dir)))  # built on another machine
+    except FileNotFoundError:
+        pass  # not in the store (or half uploaded): built here
     model_dir = materialize(cfg.model, Path(cache_dir))
     local_mc = ModelConfig(name_or_path=str(model_dir))
     tokenizer = load_tokenizer(local_mc)
@@ -117,6 +128,11 @@ def prepare(cfg: SweepConfig, sweep_dir: str, cache_dir: str, plans: list[dict],
         apply_masks(model, masks)
         save_masks(masks, path)
         timings[f"mask_{key}_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    store.push_missing(model_dir, train_path, eval_path, dense_path,
+                       *sorted({Path(p) for p in mask_paths.values()}))
+    if store.remote:
+        timings["push_s"] = time.perf_counter() - t
     return {
         "model_dir": str(model_dir),
         "train_tokens": str(train_path),

@@ -231,7 +231,7 @@ def run_query(
 
 def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``sweep query``."""
-    parser.add_argument("sweep_dir", help="a SWEEP_DIR, or a directory holding several sweeps")
+    parser.add_argument("sweep_dir", help="a SWEEP_DIR, a directory holding several sweeps, or either one's object-store URI")
     parser.add_argument(
         "sql",
         nargs="?",

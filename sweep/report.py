@@ -207,7 +207,7 @@ def format_report(df: pd.DataFrame) -> str:
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``sweep report``."""
-    parser.add_argument("sweep_dir", help="a SWEEP_DIR, or a directory holding several sweeps")
+    parser.add_argument("sweep_dir", help="a SWEEP_DIR, a directory holding several sweeps, or either one's object-store URI")
     parser.add_argument(
         "--format", choices=("table", "csv", "json"), default="table", help="output format"
     )

@@ -127,8 +127,10 @@ def read_rows(path: Path) -> list[dict]:
 class ResultsWriter:
     """Upserts rows by key and rewrites each table atomically. One per sweep, in the driver."""
 
-    def __init__(self, sweep_dir: str | os.PathLike):
+    def __init__(self, sweep_dir: str | os.PathLike, on_write=None):
+        """``on_write(path)`` runs after each table is rewritten (a URI store pushes it)."""
         self.dir = results_dir(sweep_dir)
+        self._on_write = on_write
         self._lock = threading.Lock()
         self._epochs: dict[tuple[str, int], dict] = {
             (r["trial_id"], r["epoch"]): r for r in read_rows(self.dir / EPOCHS_FILE)
@@ -169,7 +171,11 @@ class ResultsWriter:
                 TRIALS_SCHEMA,
                 self.dir / TRIALS_FILE,
             )
+            if self._on_write:
+                self._on_write(self.dir / TRIALS_FILE)
 
     def _flush_epochs(self) -> None:
         rows = sorted(self._epochs.values(), key=lambda r: (r["trial_id"], r["epoch"]))
         write_table_atomic(rows, EPOCHS_SCHEMA, self.dir / EPOCHS_FILE)
+        if self._on_write:
+            self._on_write(self.dir / EPOCHS_FILE)

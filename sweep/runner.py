@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,16 +21,19 @@ import yaml
 from sweep.config import ConfigError, SweepConfig, from_dict, to_dict, yaml_load
 from sweep.plan import expand, format_plan, grid_fingerprint
 from sweep.results import END_STATUSES
+from sweep.storage import Remote, Store
 
 CONFIG_FILE = "sweep.yaml"
 STATE_FILE = "sweep.json"
 
 
 class SweepLog:
-    """The sweep's own log: printed, and appended to SWEEP_DIR/logs/sweep.log."""
+    """The sweep's own log: printed, and appended to SWEEP_DIR/logs/sweep.log (pushed to the
+    store after every message when it is a URI)."""
 
-    def __init__(self, sweep_dir: Path | None):
+    def __init__(self, sweep_dir: Path | None, store: Store | None = None):
         self.path = sweep_dir / "logs" / "sweep.log" if sweep_dir else None
+        self.store = store
 
     def __call__(self, text: str) -> None:
         print(text, flush=True)
@@ -39,6 +43,8 @@ class SweepLog:
             with open(self.path, "a") as f:
                 for line in text.splitlines():
                     f.write(f"{stamp} {line}\n")
+            if self.store:
+                self.store.push(self.path)
 
 
 def check_resume_compatible(cfg: SweepConfig, sweep_dir: Path) -> None:
@@ -70,12 +76,31 @@ def _diff_keys(a, b, prefix: str = "") -> set[str]:
     return set() if a == b else {prefix.rstrip(".")}
 
 
-def write_sweep_state(cfg: SweepConfig, sweep_dir: Path) -> None:
+def write_sweep_state(cfg: SweepConfig, sweep_dir: Path, store: Store | None = None) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (sweep_dir / STATE_FILE).write_text(
         json.dumps({"fingerprint": grid_fingerprint(cfg), "name": cfg.name}, indent=1)
     )
+    if store:
+        store.push(sweep_dir / CONFIG_FILE, sweep_dir / STATE_FILE)
+
+
+# What a sweep's staging copy takes from the store before it continues: its state, its
+# results and its logs. prep/ and the exports are pulled only where they are needed.
+SYNCED_ON_START = (CONFIG_FILE, STATE_FILE, "results", "logs")
+
+
+def sync_from_store(store: Store, sweep_dir: Path) -> None:
+    """For a URI store, the store is the truth: a staging copy of a sweep the store does not
+    hold (a deleted bucket prefix, an old test) is discarded, else refreshed from the store."""
+    if not store.remote:
+        return
+    if not store.exists(sweep_dir / STATE_FILE):
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+        return
+    for rel in SYNCED_ON_START:
+        store.pull(sweep_dir / rel)
 
 
 def load_sweep_config(sweep_dir: Path) -> SweepConfig:
@@ -85,23 +110,30 @@ def load_sweep_config(sweep_dir: Path) -> SweepConfig:
     return from_dict(yaml_load(path.read_text()), str(path))
 
 
-def run_sweep(cfg: SweepConfig, storage: Path, address: str | None, dry_run: bool) -> int:
+def run_sweep(cfg: SweepConfig, storage: Store | Path, address: str | None, dry_run: bool) -> int:
+    store = storage if isinstance(storage, Store) else Store(Path(storage).resolve())
     plans = expand(cfg)
-    sweep_dir = (storage / cfg.name).resolve()
+    sweep_dir = store.local / cfg.name
+    where = store.display(sweep_dir)
     if dry_run:
-        print(f"sweep {cfg.name!r}: {len(plans)} trials -> {sweep_dir}")
+        print(f"sweep {cfg.name!r}: {len(plans)} trials -> {where}")
         print(format_plan(plans))
         return 0
+    store.check()
+    sync_from_store(store, sweep_dir)
     check_resume_compatible(cfg, sweep_dir)
     resuming = (sweep_dir / STATE_FILE).exists()
-    write_sweep_state(cfg, sweep_dir)
-    log = SweepLog(sweep_dir)
-    log(f"sweep {cfg.name!r}: {len(plans)} trials -> {sweep_dir}" + (" (resuming)" if resuming else ""))
+    write_sweep_state(cfg, sweep_dir, store)
+    log = SweepLog(sweep_dir, store)
+    log(f"sweep {cfg.name!r}: {len(plans)} trials -> {where}" + (" (resuming)" if resuming else ""))
+    if store.remote:
+        log(f"staging copy: {sweep_dir}")
     log(format_plan(plans))
-    return _run(cfg, sweep_dir, plans, address, log)
+    return _run(cfg, store, sweep_dir, plans, address, log)
 
 
-def _run(cfg: SweepConfig, sweep_dir: Path, plans, address: str | None, log: SweepLog) -> int:
+def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | None,
+         log: SweepLog) -> int:
     import ray
 
     from sweep import tune as st
@@ -117,28 +149,30 @@ def _run(cfg: SweepConfig, sweep_dir: Path, plans, address: str | None, log: Swe
             num_cpus=min(cfg.resources.cpus_per_worker, ray.cluster_resources().get("CPU", 1)),
             num_gpus=cfg.resources.gpus_per_worker,
         )
-        cache_dir = str(sweep_dir.parent / ".cache" / "models")
-        prep = ray.get(task.remote(cfg, str(sweep_dir), cache_dir, [p.to_dict() for p in plans], threads))
+        cache_dir = str(store.local / ".cache" / "models")
+        prep = ray.get(task.remote(cfg, str(sweep_dir), cache_dir, [p.to_dict() for p in plans], threads,
+                                   store))
         dense = prep["dense_perplexity"]
         log(
             f"prepared in {time.perf_counter() - t0:.1f} s: model {prep['model_dir']}\n"
             f"dense perplexity {dense:.2f} ({prep['dense']['windows']} windows, "
             f"{prep['dense']['tokens']} tokens)"
         )
-        ctx = _trial_context(cfg, sweep_dir, prep)
+        ctx = _trial_context(cfg, store, sweep_dir, prep)
         tuner = _make_or_restore_tuner(cfg, sweep_dir, plans, ctx, dense, log)
         tuner.fit()
     finally:
         if owns:
             ray.shutdown()
-    return _summarize(sweep_dir, log, time.perf_counter() - t0)
+    return _summarize(store, sweep_dir, log, time.perf_counter() - t0)
 
 
-def _trial_context(cfg: SweepConfig, sweep_dir: Path, prep: dict) -> dict:
+def _trial_context(cfg: SweepConfig, store: Store, sweep_dir: Path, prep: dict) -> dict:
     r = cfg.resources
     threads = r.torch_threads or max(1, math.floor(r.cpus_per_worker))
     return {
         "sweep_dir": str(sweep_dir),
+        "store": store,
         "model_name": cfg.model.name_or_path or f"config:{cfg.model.config.get('model_type')}",
         "masks": prep["masks"],
         "target_sparsity": prep["target_sparsity"],
@@ -175,13 +209,13 @@ def _make_or_restore_tuner(cfg, sweep_dir: Path, plans, ctx: dict, dense, log: S
     return tuner
 
 
-def _summarize(sweep_dir: Path, log: SweepLog, wall_s: float) -> int:
+def _summarize(store: Store, sweep_dir: Path, log: SweepLog, wall_s: float) -> int:
     """The report table; exit 1 when a trial errored or did not reach an end state."""
     from sweep.report import build_report, format_report
 
     df = build_report(sweep_dir)
     log(format_report(df))
-    log(f"sweep finished in {wall_s:.1f} s; results in {sweep_dir / 'results'}")
+    log(f"sweep finished in {wall_s:.1f} s; results in {store.display(sweep_dir / 'results')}")
     errored = df[df["status"] == "errored"]
     unfinished = df[~df["status"].isin(END_STATUSES)]
     for _, r in errored.iterrows():
@@ -189,12 +223,25 @@ def _summarize(sweep_dir: Path, log: SweepLog, wall_s: float) -> int:
     return 1 if len(errored) or len(unfinished) else 0
 
 
-def resume_sweep(sweep_dir: Path, address: str | None) -> int:
+def resume_sweep(target: str, address: str | None) -> int:
+    """``target``: SWEEP_DIR, a local path or the sweep's URI in an object store."""
+    if "://" in target and not target.startswith("file://"):
+        remote = Remote(target)
+        store = Store.open(remote.parent().uri)
+        sweep_dir = store.local / remote.name
+        for rel in (CONFIG_FILE, STATE_FILE):
+            store.pull(sweep_dir / rel)
+        if not (sweep_dir / CONFIG_FILE).is_file():
+            raise ConfigError([f"{remote.display()} is not a sweep (no {CONFIG_FILE} there)"])
+    else:
+        sweep_dir = Path(target.removeprefix("file://")).expanduser().resolve()
+        if not sweep_dir.is_dir():
+            raise ConfigError([f"sweep directory not found: {sweep_dir}"])
+        store = Store(sweep_dir.parent)
     cfg = load_sweep_config(sweep_dir)
-    storage = sweep_dir.resolve().parent
-    if sweep_dir.resolve().name != cfg.name:
-        raise ConfigError([f"{sweep_dir}: directory name does not match the sweep name {cfg.name!r}"])
-    return run_sweep(cfg, storage, address, dry_run=False)
+    if sweep_dir.name != cfg.name:
+        raise ConfigError([f"{target}: directory name does not match the sweep name {cfg.name!r}"])
+    return run_sweep(cfg, store, address, dry_run=False)
 
 
 def config_from_args(path: str, overrides: list[str], shortcuts: dict) -> SweepConfig:
@@ -211,14 +258,8 @@ def config_from_args(path: str, overrides: list[str], shortcuts: dict) -> SweepC
     return from_dict(data, path)
 
 
-def env_storage(storage: str | None) -> Path:
-    """``--storage`` (or $SWEEP_STORAGE, or ./sweeps): a local or shared-filesystem directory.
-    Every node of a multi-node cluster must see it at the same path (NFS, Lustre, a FUSE
-    mount of a bucket)."""
-    raw = storage or os.environ.get("SWEEP_STORAGE", "./sweeps")
-    if "://" in raw:
-        raise ConfigError([
-            f"--storage {raw}: object-store URIs are not supported yet; mount the bucket "
-            "(e.g. with a FUSE driver) on every node and give its path"
-        ])
-    return Path(raw).expanduser()
+def env_storage(storage: str | None) -> Store:
+    """``--storage`` (or $SWEEP_STORAGE, or ./sweeps): a directory every node sees at the same
+    path (local for one machine; NFS, Lustre... for a cluster), or an object-store URI
+    (sweep/storage.py)."""
+    return Store.open(storage or os.environ.get("SWEEP_STORAGE", "./sweeps"))

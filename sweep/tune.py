@@ -103,9 +103,10 @@ def trial_driver(config: dict, ctx: dict) -> None:
     per_worker = {"CPU": res["cpus_per_worker"], **(res["custom_per_worker"] or {})}
     if gpu:
         per_worker["GPU"] = res["gpus_per_worker"]
-    sweep_dir = Path(ctx["sweep_dir"])
+    sweep_dir, store = Path(ctx["sweep_dir"]), ctx["store"]
     loop_config = {
         **ctx["worker"],
+        "store": store,
         "plan": plan,
         "mask_path": ctx["masks"][tid],
         "target_sparsity": ctx["target_sparsity"][tid],
@@ -121,7 +122,7 @@ def trial_driver(config: dict, ctx: dict) -> None:
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=RunConfig(
             name=f"train-{tid}",
-            storage_path=str(sweep_dir / TRAIN_DIR),
+            **store.ray_storage(sweep_dir / TRAIN_DIR),
             failure_config=FailureConfig(
                 max_failures=ctx["worker_max_failures"],
                 # A starved worker group must fail, not retry forever (ray-notes.md).
@@ -148,8 +149,11 @@ class ResultsCallback(tune.Callback):
     Pickled into tuner.pkl with the run config, so the writer is rebuilt lazily."""
 
     def __init__(self, sweep_dir: str, sweep: str, model: str, dense: float | None,
-                 plans: list[dict], scheduler_name: str = "trial"):
+                 plans: list[dict], scheduler_name: str = "trial", store=None):
+        from sweep.storage import Store
+
         self.sweep_dir, self.sweep, self.model, self.dense = sweep_dir, sweep, model, dense
+        self.store = store or Store(Path(sweep_dir).parent)
         self.scheduler_name = scheduler_name
         self.plans = {p["trial_id"]: p for p in plans}
         self._writer: ResultsWriter | None = None
@@ -157,10 +161,15 @@ class ResultsCallback(tune.Callback):
     def __getstate__(self):
         return {**self.__dict__, "_writer": None}
 
+    def relocate(self, sweep_dir: str, store) -> None:
+        """Write to this run's SWEEP_DIR: the pickled one may be another machine's (a sweep
+        resumed from an object store, or a moved directory)."""
+        self.sweep_dir, self.store, self._writer = sweep_dir, store, None
+
     @property
     def writer(self) -> ResultsWriter:
         if self._writer is None:
-            self._writer = ResultsWriter(self.sweep_dir)
+            self._writer = ResultsWriter(self.sweep_dir, on_write=self.store.push)
         return self._writer
 
     def setup(self, **info) -> None:
@@ -208,6 +217,7 @@ class ResultsCallback(tune.Callback):
         best = min(finite, key=lambda r: r["perplexity"]) if finite else None
         last = rows[-1]
         export = Path(self.sweep_dir) / "export" / tid
+        exported = self.store.exists(export)
         self.writer.upsert_trial({
             "trial_id": tid, "epochs_completed": last["epoch"], "baseline_perplexity": baseline,
             "final_perplexity": last["perplexity"],
@@ -215,8 +225,8 @@ class ResultsCallback(tune.Callback):
             "best_epoch": best["epoch"] if best else None,
             "improvement_pct": improvement_pct(baseline, last["perplexity"]),
             "sparsity_actual": result.get("sparsity_actual"),
-            "best_checkpoint": str(export) if export.exists() else None,
-            "export_dir": str(export) if export.exists() else None,
+            "best_checkpoint": self.store.display(export) if exported else None,
+            "export_dir": self.store.display(export) if exported else None,
             "wall_s": result.get("wall_s"),
             "mem_peak_mb": max((r["mem_peak_mb"] or 0) for r in rows) or None,
             "updated_at": _now(),
@@ -347,12 +357,18 @@ def make_trainable(cfg: SweepConfig, ctx: dict):
 def restore_tuner(cfg: SweepConfig, sweep_dir: Path, ctx: dict):
     """The sweep's Tune experiment if one can be continued (finished trials kept, unfinished
     and errored ones resumed), else None."""
-    path = str(sweep_dir / TUNE_DIR)
-    if not tune.Tuner.can_restore(path):
+    where = ctx["store"].ray_storage(sweep_dir / TUNE_DIR)
+    path, fs = where["storage_path"], where.get("storage_filesystem")
+    if not tune.Tuner.can_restore(path, storage_filesystem=fs):
         return None
-    return tune.Tuner.restore(
-        path, make_trainable(cfg, ctx), resume_unfinished=True, resume_errored=True
+    tuner = tune.Tuner.restore(
+        path, make_trainable(cfg, ctx), resume_unfinished=True, resume_errored=True,
+        storage_filesystem=fs,
     )
+    for callback in tuner._local_tuner.get_run_config().callbacks or []:
+        if isinstance(callback, ResultsCallback):
+            callback.relocate(str(sweep_dir), ctx["store"])
+    return tuner
 
 
 def build_tuner(cfg: SweepConfig, sweep_dir: Path, plans: list[TrialPlan], ctx: dict, dense: float | None):
@@ -362,7 +378,7 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, plans: list[TrialPlan], ctx: 
     trainable = make_trainable(cfg, ctx)
     callback = ResultsCallback(
         str(sweep_dir), cfg.name, ctx["model_name"], dense, [p.to_dict() for p in plans],
-        scheduler_name=cfg.early_stop.scheduler.upper(),
+        scheduler_name=cfg.early_stop.scheduler.upper(), store=ctx["store"],
     )
     scheduler = build_scheduler(cfg)
     # The metric is perplexity, lower is better; a scheduler carries it itself (Tune refuses
@@ -380,7 +396,7 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, plans: list[TrialPlan], ctx: 
         ),
         run_config=tune.RunConfig(
             name=TUNE_DIR,
-            storage_path=str(sweep_dir),
+            **ctx["store"].ray_storage(sweep_dir),
             callbacks=[callback, PlacementGroupReaper(), *logger_callbacks(cfg)],
             failure_config=tune.FailureConfig(max_failures=cfg.failure.trial_max_failures),
             verbose=1,

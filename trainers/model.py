@@ -185,6 +185,15 @@ def _write_model_dir(mc: ModelConfig, directory: Path, model: PreTrainedModel | 
     tokenizer.save_pretrained(directory)
 
 
+def cache_target(mc: ModelConfig, cache_dir: Path) -> Path:
+    """The directory ``materialize`` builds for ``mc``: named by a hash of the config."""
+    if mc.name_or_path:
+        label = Path(mc.name_or_path.replace(":", "_")).name
+    else:
+        label = str((mc.config or {}).get("model_type", "model"))
+    return Path(cache_dir).expanduser() / f"{label}-{_config_hash(mc)[:12]}"
+
+
 def materialize(mc: ModelConfig, cache_dir: Path, model: PreTrainedModel | None = None) -> Path:
     """A plain local HF directory for ``mc`` under ``cache_dir``, built once and reused.
 
@@ -196,12 +205,8 @@ def materialize(mc: ModelConfig, cache_dir: Path, model: PreTrainedModel | None 
     and concurrent callers both end up with one complete copy.
     """
     digest = _config_hash(mc)
-    if mc.name_or_path:
-        label = Path(mc.name_or_path.replace(":", "_")).name
-    else:
-        label = str((mc.config or {}).get("model_type", "model"))
     cache_dir = Path(cache_dir).expanduser()
-    target = cache_dir / f"{label}-{digest[:12]}"
+    target = cache_target(mc, cache_dir)
     if _is_complete(target, digest):
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)

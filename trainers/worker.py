@@ -70,6 +70,7 @@ class Trial:
         self.log = TrialLog(self.plan["trial_id"], config["log_path"], enabled=self.rank == 0)
         self.t_start = time.perf_counter()
         self.st = LoopState()
+        self.store = config.get("store")  # sweep.storage.Store: pulls/pushes for a URI store
         self._silence_transformers()
 
     @staticmethod
@@ -88,6 +89,9 @@ class Trial:
         from trainers.prune import apply_masks, decoder_blocks, load_masks
 
         cfg = self.config
+        if self.store:  # on a node that did not prepare the sweep, pulled once from the store
+            for key in ("model_dir", "mask_path", "train_tokens", "eval_windows"):
+                cfg[key] = str(self.store.ensure(Path(cfg[key])))
         model = load_model(ModelConfig(name_or_path=cfg["model_dir"]))
         masks = load_masks(cfg["mask_path"])
         apply_masks(model, masks)
@@ -145,6 +149,8 @@ class Trial:
         metrics = {**metrics, **self._identity()}
         if self.world > 1:
             dist.barrier()
+        if metrics.get("kind") == "eval":
+            self.push(self.config["log_path"])
         if not (save and self.config["checkpoint"]["enabled"]):
             ray.train.report(metrics)
             return
@@ -189,6 +195,12 @@ class Trial:
     def export_best(self) -> None:
         if self.config["export_dir"]:
             export_hf(self.model, Path(self.config["model_dir"]), Path(self.config["export_dir"]))
+            self.push(self.config["export_dir"])
+
+    def push(self, path: str | None) -> None:
+        """Rank 0 copies a finished file or directory to a URI store (a no-op otherwise)."""
+        if self.store and path and self.rank == 0:
+            self.store.push(Path(path))
 
     # -- the loop ----------------------------------------------------------------------------
     def baseline(self) -> None:
@@ -301,6 +313,7 @@ class Trial:
             self.epoch()
         final = st.history[-1]["perplexity"]
         self.log(format_summary(st.baseline, final, st.best, st.best_epoch))
+        self.push(self.config["log_path"])
 
 
 def _injected_failure(trial_id: str, step: int) -> None:
