@@ -19,6 +19,7 @@ from bench.common import Row, ratio, run_job, tiny_sweep_dict
 
 TRIAL = "s0.5-b4"
 HEALTH_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+CONTROLLER_ENV = "SWEEP_TRAIN_CONTROLLER"  # sweep.tune.CONTROLLER_ENV (not imported: no Ray here)
 
 
 def steps_per_epoch(ctx) -> int:
@@ -136,7 +137,7 @@ def trial_breakdown(res: dict) -> dict:
 
     parts = {
         "tune_trial_actor_to_TorchTrainer_fit_s": d(start, t["trainer_fit"]),
-        "train_controller_actor_start_s": d(t["trainer_fit"], t["controller_start"]),
+        "train_controller_start_s": d(t["trainer_fit"], t["controller_start"]),
         "placement_and_worker_process_spawn_s": d(t["worker_group_start_begin"], created),
         "worker_process_boot_and_imports_s": d(created, t["worker_context"]),
         "process_group_and_train_fn_launch_s": d(t["worker_context"], t["train_fn_launched"]),
@@ -196,6 +197,19 @@ def bench_fixed_cost(ctx) -> list[Row]:
     )]
     if ctx["quick"]:
         return rows
+    try:
+        stock = trial_breakdown(run_trial_sweep(ctx, env={CONTROLLER_ENV: "actor"}, tag="actor"))
+        rows.append(Row(
+            "fixed_cost", "  Train controller inline / in its own actor (Ray's layout)",
+            "inline", a, "actor", stock["first_step_s"], ratio(a, stock["first_step_s"]),
+            unit="s", note="trial start->1st step; the actor layout's parts: " + ", ".join(
+                f"{k.removesuffix('_s')} {v:.1f}" for k, v in stock["parts"].items()
+                if v is not None) + " s",
+            details={"trial_controller_actor": stock},
+        ))
+    except Exception as e:  # noqa: BLE001 - a comparison row: keep the main row
+        rows.append(Row("fixed_cost", "  controller in an actor (FAILED)", "", None, "", None,
+                        None, note=f"{type(e).__name__}: {e}".splitlines()[0][:300]))
     env = {HEALTH_ENV: "0.2"}
     try:
         fast = empty_fit_breakdown(run_job("empty_fit", {}, env=env, timeout=240))

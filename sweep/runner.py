@@ -142,6 +142,7 @@ def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | 
     t0 = time.perf_counter()
     owns = st.start_ray(cfg, address)
     try:
+        st.warm_train_services()
         # On the embedded cluster nothing else runs yet: preparation may use every core.
         cores = ray.cluster_resources().get("CPU", 1) - 1 if owns else cfg.resources.cpus_per_worker
         threads = max(1, math.floor(cores))

@@ -127,6 +127,21 @@ def test_rerunning_a_finished_sweep_changes_nothing(reference):
     assert read(reference, EPOCHS_FILE) == before
 
 
+def test_ray_trains_own_controller_layout_gives_the_same_numbers(reference, tmp_path):
+    """Trials run Ray Train's controller inside the trial driver by default (sweep.tune); the
+    stock layout, a controller actor of its own, must still work and agree to the last digit
+    of what the tests compare."""
+    tid = "s0.8-b4"
+    args = ["run", str(TINY), "--storage", str(tmp_path), "--sparsity", "0.8", "--batch-size", "4"]
+    for o in OVERRIDES:
+        args += ["--set", o]
+    proc = subprocess.run(sweep_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SWEEP_TRAIN_CONTROLLER": "actor"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "TrainController pid=" in proc.stdout + proc.stderr  # its own actor did run
+    _compare_with_reference(tmp_path / "tiny", reference, tid)
+
+
 def _wait_for(pred, timeout: float, proc: subprocess.Popen | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
