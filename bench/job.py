@@ -271,6 +271,7 @@ def job_bare_train(args: dict) -> dict:
     from sweep.plan import lr_at
     from trainers.data import micro_batches, pack_blocks, worker_batch
     from trainers.model import load_model
+    from trainers.parallel import shard_masks
     from trainers.prune import apply_masks, decoder_blocks, load_masks
     from trainers.step import train_step
 
@@ -283,15 +284,17 @@ def job_bare_train(args: dict) -> dict:
     if args.get("fsdp"):
         import torch.distributed as dist
 
-        from trainers.parallel import shard_masks, shard_model
-
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         dist.init_process_group("gloo", rank=0, world_size=1)
+        from torch.distributed.fsdp import fully_shard
+
+        # The wrap itself, forced: shard_model skips it on a single CPU rank (what the sweep
+        # runs), and this row measures what that skip saves.
         _, blocks_list = decoder_blocks(model)
-        shard_model(model, blocks_list, mixed_precision=False)
-        lmasks = shard_masks(model, masks)
-    else:
-        lmasks = {k: v.to(torch.float32) for k, v in masks.items()}
+        for block in blocks_list:
+            fully_shard(block)
+        fully_shard(model)
+    lmasks = shard_masks(model, masks)  # pruned positions, as the worker passes them
     opt = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=cfg.train.weight_decay)
     blocks = pack_blocks(load_file(inp["train_tokens"])["tokens"], cfg.data.seq_len)
     total = plan.steps_per_epoch * plan.num_epochs
