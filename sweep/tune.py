@@ -137,7 +137,7 @@ def trial_driver(config: dict, ctx: dict) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from trainers.worker import train_loop
+    from trainers.entry import train_loop
 
     plan = config["trial"]
     tid = plan["trial_id"]

@@ -330,8 +330,3 @@ def _injected_failure(trial_id: str, step: int) -> None:
     spec = os.environ.get("SWEEP_INJECT_FAILURE")
     if spec and spec == f"{trial_id}:{step}":
         raise RuntimeError(f"injected failure in {trial_id} at step {step}")
-
-
-def train_loop(config: dict) -> None:
-    """Ray Train entry point (``train_loop_per_worker``)."""
-    Trial(config).run()
