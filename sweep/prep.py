@@ -51,14 +51,14 @@ def prepare(cfg: SweepConfig, sweep_dir: str, cache_dir: str, plans: list[dict],
     """Runs as a Ray task (so on a cluster it lands where a worker would). Returns the paths
     and figures the trials need. With a URI ``store`` (sweep/storage.py) what the store already
     holds is pulled instead of recomputed, and what is computed here is pushed to it."""
-    from sweep.storage import Store
-
-    store = store or Store(Path(sweep_dir).parent)  # a plain directory: nothing to sync
     from eval.perplexity import evaluate, make_windows
     from eval.text import load_text, tokenize_text
+    from sweep.storage import Store
     from trainers.data import pack_blocks
     from trainers.model import cache_target, load_model, load_tokenizer, materialize
     from trainers.prune import apply_masks, compute_masks, save_masks
+
+    store = store or Store(Path(sweep_dir).parent)  # a plain directory: nothing to sync
 
     torch.set_num_threads(threads)
     # On a GPU node the dense evaluation and Wanda's calibration pass run on the GPU.

@@ -322,6 +322,9 @@ class Trial:
         final = st.history[-1]["perplexity"]
         self.log(format_summary(st.baseline, final, st.best, st.best_epoch))
         self.push(self.config["log_path"])
+        if self._progress_fd is not None:
+            os.close(self._progress_fd)
+            self._progress_fd = None
 
 
 def _injected_failure(trial_id: str, step: int) -> None:
