@@ -74,14 +74,18 @@ def pull_results(uri: str) -> Path:
     return local
 
 
+def localize(path: str | os.PathLike) -> str | os.PathLike:
+    """``path`` itself, or for an object-store URI the local copy of its results (one
+    download). Entry points that read several times call it once first."""
+    from sweep.storage import is_uri
+
+    return pull_results(str(path)) if is_uri(str(path)) else path
+
+
 def find_sweeps(path: str | os.PathLike) -> list[Path]:
     """The sweep directories under ``path``: itself when it has results, else its
     sub-directories that have them (sorted). Raises FileNotFoundError naming ``path``."""
-    from sweep.storage import is_uri
-
-    if is_uri(str(path)):
-        path = pull_results(str(path))
-    p = Path(path).expanduser()
+    p = Path(localize(path)).expanduser()
     if not p.is_dir():
         raise FileNotFoundError(f"no such sweep directory: {p}")
     if p.name == "results" and not _has_results(p) and _has_results(p.parent):
@@ -178,6 +182,7 @@ def read_trials(path: str | os.PathLike) -> pd.DataFrame:
 
 def load(path: str | os.PathLike, as_: Literal["pandas", "arrow"] = "pandas") -> Results:
     """Both tables of every sweep under ``path``, as pandas DataFrames or Arrow tables."""
+    path = localize(path)
     sweeps = find_sweeps(path)
     if as_ == "arrow":
         return Results(read_arrow(path, "epochs"), read_arrow(path, "trials"), sweeps)

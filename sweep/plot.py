@@ -20,7 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from sweep.api import find_sweeps, read_epochs
+from sweep.api import find_sweeps, localize, read_epochs
 from sweep.report import build_report
 
 DPI = 150
@@ -170,6 +170,7 @@ def plot_sweep(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Render the two panels for the sweep(s) at ``path`` into ``out`` (PNG, or any format
     matplotlib knows by suffix); the file is replaced atomically. Returns ``out``."""
     out = Path(out)
+    path = localize(path)  # an object-store URI: its results downloaded once, here
     names = [d.name for d in find_sweeps(path)]
     report, epochs = build_report(path), read_epochs(path)
     fig = Figure(figsize=(14, 5.6), dpi=DPI, layout="constrained")

@@ -24,7 +24,7 @@ from typing import Any
 
 import duckdb
 
-from sweep.api import TABLES, find_sweeps, parquet_files
+from sweep.api import TABLES, find_sweeps, localize, parquet_files
 
 DEFAULT_SORT = {"epochs": "sweep, trial_id, epoch", "trials": "sweep, trial_id"}
 FORMATS = ("table", "csv", "json")
@@ -58,6 +58,7 @@ def _view_sql(con: duckdb.DuckDBPyConnection, path: str | os.PathLike, table: st
 
 def connect(path: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with views ``epochs`` and ``trials`` over ``path``."""
+    path = localize(path)  # an object-store URI: its results downloaded once, here
     find_sweeps(path)  # FileNotFoundError naming the path before anything else
     con = duckdb.connect(":memory:")
     try:
