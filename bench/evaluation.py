@@ -24,8 +24,8 @@ INNER = 3  # evaluations per timed unit: a unit of ~0.1 s alone is at the mercy 
 
 
 def _model_and_windows(n_windows: int):
-    from eval.perplexity import make_windows
-    from eval.text import load_text, tokenize_text
+    from eval.perplexity import make_windows, tokenize_text
+    from eval.text import load_text
     from sweep.config import load_config
     from trainers.model import build_model, byte_tokenizer
 

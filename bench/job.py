@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 T_PROCESS = time.time()
@@ -66,15 +67,15 @@ def job_sweep(args: dict) -> dict:
     timeline = _timeline_env(str(storage))
     t_import = time.time()
     from bench.hooks import read as read_timeline
-    from sweep import runner
-    from sweep import tune as st
+    from sweep import callbacks, cluster, runner
     from sweep.api import load
     from sweep.config import from_dict
+    from sweep.layout import SweepLayout
 
     stamps: dict[str, float] = {"process_start": T_PROCESS, "imports_begin": t_import}
     events: list[dict] = []
 
-    orig_start_ray = st.start_ray
+    orig_start_ray = cluster.start_ray
 
     def start_ray(cfg, address):
         stamps["ray_init_begin"] = time.time()
@@ -83,7 +84,7 @@ def job_sweep(args: dict) -> dict:
         finally:
             stamps["ray_init_end"] = time.time()
 
-    st.start_ray = start_ray
+    cluster.start_ray = start_ray
 
     orig_make = runner._make_or_restore_tuner
 
@@ -93,7 +94,7 @@ def job_sweep(args: dict) -> dict:
 
     runner._make_or_restore_tuner = make_tuner
 
-    cls = st.ResultsCallback
+    cls = callbacks.ResultsCallback
     orig = {n: getattr(cls, n) for n in ("setup", "on_trial_start", "on_trial_result",
                                           "on_trial_complete", "on_trial_error")}
 
@@ -102,20 +103,20 @@ def job_sweep(args: dict) -> dict:
         return orig["setup"](self, **info)
 
     def on_start(self, iteration, trials, trial, **info):
-        events.append({"event": "trial_start", "trial": st._tid(trial), "t": time.time()})
+        events.append({"event": "trial_start", "trial": callbacks.trial_key(trial), "t": time.time()})
         return orig["on_trial_start"](self, iteration, trials, trial, **info)
 
     def on_result(self, iteration, trials, trial, result, **info):
-        events.append({"event": "trial_result", "trial": st._tid(trial), "t": time.time(),
+        events.append({"event": "trial_result", "trial": callbacks.trial_key(trial), "t": time.time(),
                        "epoch": result.get("epoch"), "kind": result.get("kind")})
         return orig["on_trial_result"](self, iteration, trials, trial, result, **info)
 
     def on_complete(self, iteration, trials, trial, **info):
-        events.append({"event": "trial_complete", "trial": st._tid(trial), "t": time.time()})
+        events.append({"event": "trial_complete", "trial": callbacks.trial_key(trial), "t": time.time()})
         return orig["on_trial_complete"](self, iteration, trials, trial, **info)
 
     def on_error(self, iteration, trials, trial, **info):
-        events.append({"event": "trial_error", "trial": st._tid(trial), "t": time.time()})
+        events.append({"event": "trial_error", "trial": callbacks.trial_key(trial), "t": time.time()})
         return orig["on_trial_error"](self, iteration, trials, trial, **info)
 
     cls.setup, cls.on_trial_start, cls.on_trial_result = setup, on_start, on_result
@@ -129,7 +130,7 @@ def job_sweep(args: dict) -> dict:
     sweep_dir = storage / cfg.name
     res = load(sweep_dir)
     tune_results = {}
-    tune_dir = sweep_dir / st.TUNE_DIR
+    tune_dir = SweepLayout(sweep_dir).tune
     keep = ("epoch", "kind", "time_total_s", "time_this_iter_s", "timestamp", "eval_s", "wall_s",
             "tokens_per_s", "epoch_steps", "tokens", "steps", "training_iteration", "pid")
     for f in sorted(tune_dir.glob("*/result.json")):
@@ -139,8 +140,8 @@ def job_sweep(args: dict) -> dict:
                 r = json.loads(line)
                 rows.append({k: _jsonable(r.get(k)) for k in keep})
         tune_results[f.parent.name] = rows
+    from sweep.cluster import local_cluster_cpus, max_concurrent_trials, trial_resources
     from sweep.plan import expand
-    from sweep.tune import local_cluster_cpus, max_concurrent_trials, trial_resources
 
     plans = expand(cfg)
     concurrency = max_concurrent_trials({"CPU": float(local_cluster_cpus(cfg))},
@@ -162,7 +163,7 @@ def job_sweep(args: dict) -> dict:
 
 
 def job_empty_fit(args: dict) -> dict:
-    """An empty TorchTrainer.fit() on a fresh local cluster set up like sweep.tune.start_ray:
+    """An empty TorchTrainer.fit() on a fresh local cluster set up like sweep.cluster.start_ray:
     1 CPU worker whose train function only reports its start time once."""
     tmp = tempfile.mkdtemp(prefix="bench-empty-")
     timeline = _timeline_env(tmp)
@@ -224,29 +225,32 @@ def job_prepare(args: dict) -> dict:
 
     cfg = from_dict(args["config"])
     storage = Path(args["storage"])
-    out = prepare(cfg, str(storage / cfg.name), str(storage / ".cache" / "models"),
-                  [p.to_dict() for p in expand(cfg)], 1)
-    return {"timings": out["timings"], "model_dir": out["model_dir"]}
+    out = prepare(cfg, str(storage / cfg.name), str(storage / ".cache" / "models"), expand(cfg), 1)
+    return {"timings": out.timings, "model_dir": out.model_dir}
 
 
-def _trial_inputs(sweep_dir: Path, trial_id: str, config: dict | None = None) -> dict:
+def _trial_spec(sweep_dir: Path, trial_id: str, config: dict | None = None):
+    """The ``TrialSpec`` the sweep gives ``trial_id``, from its prepared files (no Ray)."""
     import yaml
 
     from sweep.config import from_dict
-    from sweep.plan import expand
-    from sweep.prep import PREP_DIR, mask_key
+    from sweep.layout import SweepLayout
+    from sweep.plan import build_specs, expand
+    from trainers.spec import Prepared
 
-    cfg = from_dict(config or yaml.safe_load((sweep_dir / "sweep.yaml").read_text()))
-    plan = next(p for p in expand(cfg) if p.trial_id == trial_id)
-    prep = sweep_dir / PREP_DIR
+    layout = SweepLayout(sweep_dir)
+    cfg = from_dict(config or yaml.safe_load(layout.config_file.read_text()))
+    plans = [p for p in expand(cfg) if p.trial_id == trial_id]
     models = sorted((sweep_dir.parent / ".cache" / "models").iterdir())
     model_dir = next(m for m in models if not m.name.startswith("."))
-    return {
-        "cfg": cfg, "plan": plan, "model_dir": str(model_dir),
-        "mask_path": str(prep / "masks" / f"{mask_key(plan.method, plan.pattern, plan.sparsity)}.safetensors"),
-        "train_tokens": str(prep / "train_tokens.safetensors"),
-        "eval_windows": str(prep / "eval_windows.safetensors"),
-    }
+
+    def prepared(tid: str) -> Prepared:
+        p = plans[0]
+        return Prepared(str(model_dir), str(layout.train_tokens), str(layout.eval_windows),
+                        str(layout.mask(p.method, p.pattern, p.sparsity)), None)
+
+    spec = build_specs(cfg, plans, layout, prepared)[trial_id]
+    return replace(spec, log_path=None, progress_path=None, export_dir=None, progress_bar=False)
 
 
 def _free_port() -> int:
@@ -258,53 +262,39 @@ def _free_port() -> int:
 
 
 def job_bare_train(args: dict) -> dict:
-    """The trial's steps in one process: the sweep's own materialized model, masks and
-    training tokens, the same data order (worker_batch), lr schedule and ``train_step``, one
-    torch thread like the worker. ``fsdp``: also wrap with FSDP2 on a 1-rank gloo group, as
-    the worker does (separates FSDP's cost from Ray's)."""
+    """The trial's steps in one process: the trial core the worker runs (trainers.core), with
+    the sweep's own prepared model, masks and tokens, the same data order, lr schedule and
+    step, one torch thread like the worker. ``fsdp``: also wrap with FSDP2 on a 1-rank gloo
+    group (the worker skips that wrap on one CPU rank; this measures what the skip saves)."""
     import torch
 
-    torch.set_num_threads(args.get("threads", 1))
-    from safetensors.torch import load_file
+    from trainers.core import TrialCore
 
-    from sweep.config import ModelConfig
-    from sweep.plan import lr_at
-    from trainers.data import micro_batches, pack_blocks, worker_batch
-    from trainers.model import load_model
-    from trainers.parallel import shard_masks
-    from trainers.prune import apply_masks, decoder_blocks, load_masks
-    from trainers.step import train_step
-
-    inp = _trial_inputs(Path(args["sweep_dir"]), args["trial_id"], args.get("config"))
-    cfg, plan = inp["cfg"], inp["plan"]
-    torch.manual_seed(cfg.train.seed)
-    model = load_model(ModelConfig(name_or_path=inp["model_dir"]))  # eval mode, as the worker
-    masks = load_masks(inp["mask_path"])
-    apply_masks(model, masks)
+    spec = _trial_spec(Path(args["sweep_dir"]), args["trial_id"], args.get("config"))
+    spec = replace(spec, threads=args.get("threads", 1))
+    core = TrialCore(spec)
+    core.build()
     if args.get("fsdp"):
         import torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard
+
+        from trainers.parallel import shard_masks
+        from trainers.prune import decoder_blocks, load_masks
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         dist.init_process_group("gloo", rank=0, world_size=1)
-        from torch.distributed.fsdp import fully_shard
-
-        # The wrap itself, forced: shard_model skips it on a single CPU rank (what the sweep
-        # runs), and this row measures what that skip saves.
-        _, blocks_list = decoder_blocks(model)
+        _, blocks_list = decoder_blocks(core.model)
         for block in blocks_list:
             fully_shard(block)
-        fully_shard(model)
-    lmasks = shard_masks(model, masks)  # pruned positions, as the worker passes them
-    opt = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=cfg.train.weight_decay)
-    blocks = pack_blocks(load_file(inp["train_tokens"])["tokens"], cfg.data.seq_len)
-    total = plan.steps_per_epoch * plan.num_epochs
-    device = torch.device("cpu")
+        fully_shard(core.model)
+        core.pruned = shard_masks(core.model, load_masks(spec.prepared.masks))
+        core.opt = torch.optim.AdamW(core.model.parameters(), lr=spec.plan.lr,
+                                     weight_decay=spec.train.weight_decay)
 
     def step(s: int) -> float:
+        core.st.step = s
         t0 = time.perf_counter()
-        idx = worker_batch(s, plan.batch_size, blocks.shape[0], cfg.train.seed, 0, 1)
-        train_step(model, opt, blocks, micro_batches(idx, plan.grad_accum), lmasks,
-                   lr_at(s, plan.lr, total, cfg.train.warmup_frac), cfg.train.max_grad_norm, device)
+        core.step()
         return time.perf_counter() - t0
 
     first = step(0)
@@ -313,64 +303,40 @@ def job_bare_train(args: dict) -> dict:
     lo, hi = args["first_step"], args["first_step"] + args["steps"]
     times = [step(s) for s in range(lo, hi)]
     train_s = sum(times)
-    tokens = len(times) * plan.batch_size * cfg.data.seq_len
+    tokens = len(times) * spec.plan.batch_size * spec.seq_len
     return {"tokens_per_s": tokens / train_s, "train_s": train_s, "steps": len(times),
             "first_step_s": first, "median_step_s": sorted(times)[len(times) // 2],
             "fsdp": bool(args.get("fsdp"))}
 
 
 def job_setup_replay(args: dict) -> dict:
-    """What a fresh trial worker does before its first step, in a fresh process, timed piece
-    by piece (the worker itself reports only the sum, as epoch 0's wall_s)."""
+    """What a fresh trial worker does before its first step, in a fresh process: imports, the
+    trial core's build and the baseline evaluation (the worker itself reports only the sum,
+    as epoch 0's wall_s)."""
     t = {"process_start": T_PROCESS}
     t0 = time.time()
     import torch
 
     t["import_torch_s"] = time.time() - t0
-    torch.set_num_threads(1)
     t0 = time.time()
     import trainers.worker  # noqa: F401 - the train function's module, as Ray unpickles it
 
     t["import_worker_module_s"] = time.time() - t0
-    t0 = time.time()
-    from sweep.config import ModelConfig
-    from trainers.model import load_model
-
-    t["import_transformers_s"] = time.time() - t0
-    from safetensors.torch import load_file
-
-    from eval.perplexity import evaluate
-    from trainers.data import pack_blocks
-    from trainers.parallel import shard_masks, shard_model
-    from trainers.prune import apply_masks, decoder_blocks, load_masks
-
-    inp = _trial_inputs(Path(args["sweep_dir"]), args["trial_id"])
-    cfg = inp["cfg"]
-    t0 = time.time()
     import torch.distributed as dist
 
+    from trainers.core import TrialCore
+
+    spec = _trial_spec(Path(args["sweep_dir"]), args["trial_id"])
+    t0 = time.time()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     t["init_process_group_s"] = time.time() - t0
+    core = TrialCore(replace(spec, threads=1), device=torch.device("cpu"))
     t0 = time.time()
-    model = load_model(ModelConfig(name_or_path=inp["model_dir"]))
-    t["load_model_s"] = time.time() - t0
+    core.build()
+    t["build_s"] = time.time() - t0
     t0 = time.time()
-    masks = load_masks(inp["mask_path"])
-    apply_masks(model, masks)
-    t["masks_s"] = time.time() - t0
-    t0 = time.time()
-    _, blocks_list = decoder_blocks(model)
-    shard_model(model, blocks_list, mixed_precision=False)
-    shard_masks(model, masks)
-    torch.optim.AdamW(model.parameters(), lr=1e-3)
-    t["shard_s"] = time.time() - t0
-    t0 = time.time()
-    pack_blocks(load_file(inp["train_tokens"])["tokens"], cfg.data.seq_len)
-    w = load_file(inp["eval_windows"])
-    t["load_data_s"] = time.time() - t0
-    t0 = time.time()
-    evaluate(model, w["input_ids"], w["labels"], batch_size=cfg.eval.batch_size)
+    core.evaluate()
     t["baseline_eval_s"] = time.time() - t0
     dist.destroy_process_group()
     return t

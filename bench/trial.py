@@ -19,7 +19,7 @@ from bench.common import Row, ratio, run_job, tiny_sweep_dict
 
 TRIAL = "s0.5-b4"
 HEALTH_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-CONTROLLER_ENV = "SWEEP_TRAIN_CONTROLLER"  # sweep.tune.CONTROLLER_ENV (not imported: no Ray here)
+CONTROLLER_ENV = "SWEEP_TRAIN_CONTROLLER"  # sweep.driver.CONTROLLER_ENV (not imported: no Ray here)
 
 
 def steps_per_epoch(ctx) -> int:

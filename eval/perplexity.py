@@ -15,6 +15,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,17 @@ IGNORE_INDEX = -100
 PAD_WINDOW = -1
 
 Progress = bool | Callable[[int], None] | None
+
+
+def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids of the whole text as a 1-D LongTensor, tokenized once.
+
+    The tokenizer's default special tokens are kept (the protocol: whatever a user of the
+    tokenizer gets). ``verbose=False`` silences the "longer than the maximum sequence
+    length" warning: the stream is cut into windows afterwards, never fed whole.
+    """
+    ids = tokenizer(text, return_tensors=None, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def make_windows(

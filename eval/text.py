@@ -1,20 +1,36 @@
 """Evaluation and training text: where it comes from and how it becomes one token stream.
 
-The contract's perplexity protocol tokenizes the whole text once (not per line or per
+The perplexity protocol (README, "Perplexity protocol") tokenizes the whole text once (not per line or per
 window), so windows cross document boundaries exactly as in SparseGPT/Wanda.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-
-from sweep.config import TextSource
+from typing import Literal
 
 # The separator the reference projects put between dataset rows ("\n\n".join(test["text"])).
 ROW_SEPARATOR = "\n\n"
+
+
+@dataclass(frozen=True)
+class TextSource:
+    # Where the text comes from: a local text file (verbatim), a datasets dataset (rows joined
+    # with "\n\n"), or the Python docs topics that ship with CPython (no download at all).
+    source: Literal["file", "dataset", "pydoc_topics"] = "dataset"
+    # source=file: path to a UTF-8 text file (relative paths are relative to the working directory).
+    path: str | None = None
+    # source=dataset: hub name or local directory for datasets.load_dataset.
+    dataset: str | None = "wikitext"
+    # source=dataset: the dataset's configuration name, split, and text column.
+    dataset_config: str | None = "wikitext-2-raw-v1"
+    split: str = "test"
+    text_field: str = "text"
+    # source=pydoc_topics: "train" is 9 of every 10 topics, "eval" every 10th, "all" everything.
+    part: Literal["all", "train", "eval"] = "all"
+    # Keep only the first max_chars characters (None: all).
+    max_chars: int | None = None
 
 
 def _pydoc_topics(part: str) -> str:
@@ -65,14 +81,3 @@ def load_text(src: TextSource) -> str:
     if src.max_chars is not None:
         text = text[: src.max_chars]
     return text
-
-
-def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
-    """Token ids of the whole text as a 1-D LongTensor, tokenized once.
-
-    The tokenizer's default special tokens are kept (the protocol: whatever a user of the
-    tokenizer gets). ``verbose=False`` silences the "longer than the maximum sequence
-    length" warning: the stream is cut into windows afterwards, never fed whole.
-    """
-    ids = tokenizer(text, return_tensors=None, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)

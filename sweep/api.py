@@ -5,7 +5,7 @@ atomically, so a read sees either the previous or the new complete file. ``path`
 SWEEP_DIR (it has ``results/``) or a directory holding several sweeps; their rows are
 concatenated and the ``sweep`` column tells them apart. It may also be the URI of a sweep, or
 of a storage root, in an object store (``s3://bucket/sweeps/demo``): the results tables are
-copied to the local staging cache (sweep/storage.py) and read from there.
+copied to the local staging cache (trainers/storage.py) and read from there.
 
     from sweep.api import load
     r = load("sweeps/demo")
@@ -51,7 +51,7 @@ def pull_results(uri: str) -> Path:
     ``uri``: ``<staging>/<sweep>/results``. Raises FileNotFoundError naming the URI."""
     from pyarrow import fs as pafs
 
-    from sweep.storage import Store
+    from trainers.storage import Store
 
     store = Store.open(uri)
     remote = store.remote
@@ -77,7 +77,7 @@ def pull_results(uri: str) -> Path:
 def localize(path: str | os.PathLike) -> str | os.PathLike:
     """``path`` itself, or for an object-store URI the local copy of its results (one
     download). Entry points that read several times call it once first."""
-    from sweep.storage import is_uri
+    from trainers.storage import is_uri
 
     return pull_results(str(path)) if is_uri(str(path)) else path
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from sweep.config import ConfigError
+from trainers.storage import StorageError
 
 
 def _add_run(sub) -> None:
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_resume(sub)
-    from eval.cli import add_eval_arguments
+    from sweep.eval_cmd import add_eval_arguments
     from sweep.plot import add_plot_arguments
     from sweep.query import add_query_arguments
     from sweep.report import add_report_arguments
@@ -86,11 +87,14 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_plot_cli(args)
         if args.command == "eval":
-            from eval.cli import run_eval
+            from sweep.eval_cmd import run_eval
 
             return run_eval(args)
     except ConfigError as e:
         print(f"sweep: {e}", file=sys.stderr)
+        return 2
+    except StorageError as e:
+        print(f"sweep: invalid input: {e}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")
     return 2

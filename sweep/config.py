@@ -19,6 +19,17 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from eval.text import TextSource
+from trainers.spec import (
+    CheckpointConfig,
+    EarlyStopConfig,
+    ModelConfig,
+    TrainConfig,
+    is_local_path,
+    parse_pattern,
+    resolve_model_path,
+)
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads ``1e-4`` (an exponent without a dot) as a string; accept it as a float,
@@ -45,40 +56,6 @@ class ConfigError(ValueError):
         where = f" in {source}" if source else ""
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid configuration{where}:\n{lines}")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    # Hub id, local directory, or "pkg:<python package>" (the directory of an installed package).
-    name_or_path: str | None = None
-    # A GGUF file inside name_or_path (or an absolute path); dequantized once per sweep and cached.
-    gguf_file: str | None = None
-    # Build a randomly initialised model from this Hugging Face config dict (needs "model_type").
-    config: dict | None = None
-    # Tokenizer: hub id or directory; "byte" is a built-in byte-level tokenizer needing no files.
-    # Default: the model's own (name_or_path, gguf_file).
-    tokenizer: str | None = None
-    # Seed for the random initialisation of a config-built model.
-    init_seed: int = 0
-
-
-@dataclass(frozen=True)
-class TextSource:
-    # Where the text comes from: a local text file (verbatim), a datasets dataset (rows joined
-    # with "\n\n"), or the Python docs topics that ship with CPython (no download at all).
-    source: Literal["file", "dataset", "pydoc_topics"] = "dataset"
-    # source=file: path to a UTF-8 text file (relative paths are relative to the working directory).
-    path: str | None = None
-    # source=dataset: hub name or local directory for datasets.load_dataset.
-    dataset: str | None = "wikitext"
-    # source=dataset: the dataset's configuration name, split, and text column.
-    dataset_config: str | None = "wikitext-2-raw-v1"
-    split: str = "test"
-    text_field: str = "text"
-    # source=pydoc_topics: "train" is 9 of every 10 topics, "eval" every 10th, "all" everything.
-    part: Literal["all", "train", "eval"] = "all"
-    # Keep only the first max_chars characters (None: all).
-    max_chars: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,29 +94,6 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    # Evaluations after epoch 0 (the baseline); one per epoch.
-    num_epochs: int = 1
-    # Samples per epoch, whatever the batch size: steps per epoch = ceil(base_samples / batch).
-    base_samples: int = 10000
-    # Learning rate at batch size 1; lr = base_lr * sqrt(batch_size) under lr_rule "sqrt".
-    base_lr: float = 5e-6
-    # How lr grows with the batch: sqrt (adaptive optimizers), linear (SGD), constant.
-    lr_rule: Literal["sqrt", "linear", "constant"] = "sqrt"
-    # Linear warmup over this fraction of all steps (0: none).
-    warmup_frac: float = 0.0
-    # AdamW weight decay (pruned weights stay zero: they are re-masked after every step).
-    weight_decay: float = 0.0
-    # Clip the global gradient norm (None: no clipping).
-    max_grad_norm: float | None = 1.0
-    # Sequences per forward pass on one worker; gradients accumulate up to the global batch
-    # (None: the whole per-worker share in one pass).
-    micro_batch_size: int | None = None
-    # Seed of the data order and of everything random in a trial.
-    seed: int = 0
-
-
-@dataclass(frozen=True)
 class GridConfig:
     # Grid axes: every combination becomes one trial.
     sparsity: tuple[float, ...] = (0.5,)
@@ -168,35 +122,6 @@ class ResourcesConfig:
     torch_threads: int | None = None
     # Custom Ray resources each worker needs, e.g. {"a100": 1} to pin trials to such nodes.
     custom_per_worker: dict | None = None
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    # Save the sharded training state at every epoch end (and every_steps); off: nothing is
-    # saved and a resumed trial starts over (cheap for tiny models, see configs/demo.yaml).
-    enabled: bool = True
-    # Also checkpoint every N optimizer steps inside an epoch (None: only at epoch ends).
-    every_steps: int | None = None
-    # Checkpoints kept per trial, besides the best one.
-    keep_last: int = 2
-    # Keep the best model so far in Hugging Face format (safetensors, masks applied) under
-    # SWEEP_DIR/export/<trial>, rewritten whenever a trial beats its best (the baseline first).
-    export_best: bool = True
-
-
-@dataclass(frozen=True)
-class EarlyStopConfig:
-    # Trial scheduler on perplexity (mode min, time attribute: the trial's epoch).
-    scheduler: Literal["none", "asha"] = "none"
-    # ASHA: epochs before the first cut, and the fraction 1/reduction_factor kept at each rung.
-    grace_period: int = 1
-    reduction_factor: float = 2.0
-    # Plateau stop: stop after `plateau_patience` evaluations that each improve the best
-    # perplexity by less than plateau_min_rel_improvement (relative). None: off.
-    plateau_patience: int | None = None
-    plateau_min_rel_improvement: float = 0.01
-    # Divergence stop: loss NaN/inf, or perplexity above diverge_factor x baseline (None: NaN only).
-    diverge_factor: float | None = None
 
 
 @dataclass(frozen=True)
@@ -399,32 +324,6 @@ def to_dict(cfg: Any) -> Any:
 # Semantic checks: ranges, combinations and paths
 
 
-def parse_pattern(pattern: str) -> tuple[int, int]:
-    """``"2:4"`` -> (2, 4); raises ValueError unless 0 < N < M."""
-    try:
-        n_str, m_str = pattern.split(":")
-        n, m = int(n_str), int(m_str)
-    except (ValueError, AttributeError):
-        raise ValueError(f"{pattern!r} is not of the form N:M") from None
-    if not 0 < n < m:
-        raise ValueError(f"{pattern!r} needs 0 < N < M")
-    return n, m
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """``pkg:<package>`` names the directory of an installed Python package."""
-    if name_or_path.startswith("pkg:"):
-        spec = importlib.util.find_spec(name_or_path[4:])
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"Python package {name_or_path[4:]!r} is not installed")
-        return list(spec.submodule_search_locations)[0]
-    return name_or_path
-
-
-def _looks_local(s: str) -> bool:
-    return s.startswith(("/", "./", "../", "~", "pkg:")) or os.path.exists(s)
-
-
 def _check_text_source(src: TextSource, key: str, check_paths: bool) -> list[str]:
     problems = []
     if src.source == "file":
@@ -451,7 +350,7 @@ def _check_model(m: ModelConfig, check_paths: bool) -> list[str]:
             problems.append("model.config.model_type: required to build a model from a config")
         if m.tokenizer is None:
             problems.append("model.tokenizer: required with model.config ('byte' needs no files)")
-    if m.name_or_path and check_paths and _looks_local(m.name_or_path):
+    if m.name_or_path and check_paths and is_local_path(m.name_or_path):
         try:
             local = Path(resolve_model_path(m.name_or_path)).expanduser()
         except FileNotFoundError as e:
@@ -497,11 +396,10 @@ def validate(cfg: SweepConfig, check_paths: bool = True) -> list[str]:
     for key, pat in [("prune.pattern", cfg.prune.pattern)] + [
         (f"grid.pattern[{i}]", x) for i, x in enumerate(cfg.grid.pattern or ())
     ]:
-        if pat is not None and pat != "none":
-            try:
-                parse_pattern(pat)
-            except ValueError as err:
-                p.append(f"{key}: {err}")
+        try:
+            parse_pattern(pat)
+        except ValueError as err:
+            p.append(f"{key}: {err}")
     for i, m in enumerate(cfg.grid.method or ()):
         if m not in ("magnitude", "wanda"):
             p.append(f"grid.method[{i}]: {m!r} is not one of 'magnitude' | 'wanda'")

@@ -11,9 +11,11 @@ import hashlib
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 
-from sweep.config import SweepConfig, parse_pattern, to_dict
+from sweep.config import SweepConfig, to_dict
+from sweep.layout import SweepLayout
+from trainers.spec import Prepared, TrialPlan, TrialSpec, parse_pattern, pattern_label
 
 
 def steps_per_epoch(base_samples: int, batch_size: int) -> int:
@@ -32,14 +34,6 @@ def scaled_lr(base_lr: float, batch_size: int, rule: str = "sqrt") -> float:
     raise ValueError(f"unknown lr rule {rule!r}")
 
 
-def lr_at(step: int, peak_lr: float, total_steps: int, warmup_frac: float = 0.0) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then constant."""
-    warmup_steps = int(warmup_frac * total_steps)
-    if warmup_steps and step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    return peak_lr
-
-
 def grad_accum_steps(batch_size: int, workers: int, micro_batch_size: int | None) -> int:
     """Forward/backward passes per optimizer step on each worker."""
     if batch_size % workers:
@@ -56,29 +50,11 @@ def trial_id(sparsity: float, batch_size: int, method: str | None = None, patter
     parts = []
     if method is not None:
         parts.append(method)
-    if pattern not in (None, "none"):
-        n, m = pattern.split(":")
-        parts.append(f"{n}of{m}")
+    if pattern_label(pattern):
+        parts.append(pattern_label(pattern))
     parts.append(f"s{sparsity:.12g}")
     parts.append(f"b{batch_size}")
     return "-".join(parts)
-
-
-@dataclass(frozen=True)
-class TrialPlan:
-    trial_id: str
-    sparsity: float
-    batch_size: int
-    method: str
-    pattern: str | None
-    lr: float
-    steps_per_epoch: int
-    num_epochs: int
-    workers: int
-    grad_accum: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def expand(cfg: SweepConfig) -> list[TrialPlan]:
@@ -95,10 +71,10 @@ def expand(cfg: SweepConfig) -> list[TrialPlan]:
     for method, pattern, sparsity, batch in itertools.product(
         methods, patterns, cfg.grid.sparsity, cfg.grid.batch_size
     ):
-        pattern = None if pattern in (None, "none") else pattern
-        if pattern is not None:
-            n, m = parse_pattern(pattern)
-            sparsity = 1.0 - n / m
+        nm = parse_pattern(pattern)
+        pattern = f"{nm[0]}:{nm[1]}" if nm else None
+        if nm is not None:
+            sparsity = 1.0 - nm[0] / nm[1]
         tid = trial_id(sparsity, batch, method if name_method else None,
                        pattern if name_pattern else None)
         if tid in seen:
@@ -141,3 +117,27 @@ def grid_fingerprint(cfg: SweepConfig) -> str:
         d.pop(volatile, None)
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_specs(cfg: SweepConfig, plans: list[TrialPlan], layout: SweepLayout,
+                prepared: Callable[[str], Prepared]) -> dict[str, TrialSpec]:
+    """One frozen ``TrialSpec`` per trial: its plan, its prepared files (``prepared(trial_id)``),
+    the config sections its workers read, and where it logs and exports."""
+    r = cfg.resources
+    threads = r.torch_threads or max(1, math.floor(r.cpus_per_worker))
+    return {
+        p.trial_id: TrialSpec(
+            plan=p,
+            prepared=prepared(p.trial_id),
+            train=cfg.train,
+            checkpoint=cfg.checkpoint,
+            early_stop=cfg.early_stop,
+            seq_len=cfg.data.seq_len,
+            eval_batch_size=cfg.eval.batch_size,
+            threads=threads,
+            log_path=str(layout.trial_log(p.trial_id)),
+            progress_path=str(layout.progress(p.trial_id)),
+            export_dir=str(layout.export(p.trial_id)) if cfg.checkpoint.export_best else None,
+        )
+        for p in plans
+    }

@@ -1,6 +1,7 @@
 """The results tables and their one writer.
 
-The schema of a row is defined here once. ``ResultsWriter`` keeps each table keyed
+The epochs table's columns follow from the trial's report (``trainers.metrics``); the trials
+table is the driver's own and is defined here. ``ResultsWriter`` keeps each table keyed
 (``(trial_id, epoch)`` for epochs, ``trial_id`` for trials), so a resumed or restarted sweep
 overwrites rows instead of duplicating them, and rewrites each Parquet file atomically
 (temporary file, fsync, rename): a crash at any moment leaves the previous complete file.
@@ -17,35 +18,19 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from trainers.files import atomic_write
+from trainers.metrics import EPOCH_COLUMNS
+
 # Bump when a column is renamed or removed (adding columns keeps the version); the README's
 # "Result schema" section documents each version.
 SCHEMA_VERSION = 1
 
-EPOCHS_SCHEMA = pa.schema(
-    [
-        ("sweep", pa.string()),
-        ("trial_id", pa.string()),
-        ("method", pa.string()),
-        ("pattern", pa.string()),
-        ("sparsity", pa.float64()),
-        ("batch_size", pa.int64()),
-        ("epoch", pa.int64()),  # 0 = the baseline: pruned, before any training step
-        ("perplexity", pa.float64()),
-        ("improvement_pct", pa.float64()),  # 100 * (baseline - perplexity) / baseline
-        ("loss", pa.float64()),  # mean training loss over the epoch (null at epoch 0)
-        ("lr", pa.float64()),
-        ("steps", pa.int64()),  # optimizer steps so far (cumulative)
-        ("samples", pa.int64()),  # training sequences so far (cumulative)
-        ("tokens", pa.int64()),  # training tokens so far (cumulative)
-        ("sparsity_actual", pa.float64()),  # measured zeros / weights over the pruned layers
-        ("wall_s", pa.float64()),  # seconds since the trial started (this attempt)
-        ("tokens_per_s", pa.float64()),  # training tokens per second over the epoch
-        ("mem_peak_mb", pa.float64()),  # peak memory on rank 0 (CUDA allocator or process RSS)
-        ("eval_tokens", pa.int64()),  # tokens scored by the evaluation
-        ("node_id", pa.string()),  # the Ray node of rank 0
-        ("timestamp", pa.timestamp("us", tz="UTC")),
-    ]
-)
+ARROW_TYPES = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(),
+               "timestamp": pa.timestamp("us", tz="UTC")}
+
+# The epochs table follows from the trial's report (trainers.metrics): one row per
+# (trial_id, epoch).
+EPOCHS_SCHEMA = pa.schema([(c.name, ARROW_TYPES[c.type]) for c in EPOCH_COLUMNS])
 
 TRIALS_SCHEMA = pa.schema(
     [
@@ -103,19 +88,7 @@ def _conform(row: dict, schema: pa.Schema) -> dict:
 def write_table_atomic(rows: list[dict], schema: pa.Schema, path: Path) -> None:
     table = pa.Table.from_pylist([_conform(r, schema) for r in rows], schema=schema)
     table = table.replace_schema_metadata({b"schema_version": str(SCHEMA_VERSION).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    # fsync the directory so the rename itself survives a power cut.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -1,9 +1,7 @@
 """``sweep run`` / ``sweep resume`` end to end: validate, plan, prepare, run the grid, summarize.
 
-Nothing is started or written before the config is valid. SWEEP_DIR holds everything:
-``sweep.yaml`` (the resolved config), ``prep/``, ``tune/`` (Ray Tune's experiment),
-``train/`` (each trial's Train run and checkpoints), ``results/`` (Parquet), ``logs/``,
-``export/`` (best models in Hugging Face format).
+Nothing is started or written before the config is valid. SWEEP_DIR holds everything
+(``sweep.layout``).
 """
 
 from __future__ import annotations
@@ -18,13 +16,20 @@ from pathlib import Path
 
 import yaml
 
-from sweep.config import ConfigError, SweepConfig, from_dict, to_dict, yaml_load
-from sweep.plan import expand, format_plan, grid_fingerprint
+from sweep.config import (
+    ConfigError,
+    SweepConfig,
+    apply_overrides,
+    from_dict,
+    load_config_dict,
+    to_dict,
+    yaml_load,
+)
+from sweep.layout import SweepLayout
+from sweep.plan import build_specs, expand, format_plan, grid_fingerprint
 from sweep.results import END_STATUSES
-from sweep.storage import Remote, Store
-
-CONFIG_FILE = "sweep.yaml"
-STATE_FILE = "sweep.json"
+from trainers.files import write_json, write_text
+from trainers.storage import Remote, Store, is_uri
 
 
 class SweepLog:
@@ -32,7 +37,7 @@ class SweepLog:
     store after every message when it is a URI)."""
 
     def __init__(self, sweep_dir: Path | None, store: Store | None = None):
-        self.path = sweep_dir / "logs" / "sweep.log" if sweep_dir else None
+        self.path = SweepLayout.of(sweep_dir).sweep_log if sweep_dir else None
         self.store = store
 
     def __call__(self, text: str) -> None:
@@ -49,12 +54,12 @@ class SweepLog:
 
 def check_resume_compatible(cfg: SweepConfig, sweep_dir: Path) -> None:
     """A sweep directory may only be continued with a config that gives the same grid."""
-    state_path = sweep_dir / STATE_FILE
-    if not state_path.exists():
+    layout = SweepLayout.of(sweep_dir)
+    if not layout.state_file.exists():
         return
-    old = json.loads(state_path.read_text())
+    old = json.loads(layout.state_file.read_text())
     if old.get("fingerprint") != grid_fingerprint(cfg):
-        old_cfg = yaml_load((sweep_dir / CONFIG_FILE).read_text()) if (sweep_dir / CONFIG_FILE).exists() else {}
+        old_cfg = yaml_load(layout.config_file.read_text()) if layout.config_file.exists() else {}
         new_cfg = to_dict(cfg)
         changed = sorted(_diff_keys(old_cfg, new_cfg))
         changed = [k for k in changed if k.split(".")[0] not in ("name", "resources", "loggers", "failure")]
@@ -77,18 +82,11 @@ def _diff_keys(a, b, prefix: str = "") -> set[str]:
 
 
 def write_sweep_state(cfg: SweepConfig, sweep_dir: Path, store: Store | None = None) -> None:
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    (sweep_dir / STATE_FILE).write_text(
-        json.dumps({"fingerprint": grid_fingerprint(cfg), "name": cfg.name}, indent=1)
-    )
+    layout = SweepLayout.of(sweep_dir)
+    write_text(layout.config_file, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_json(layout.state_file, {"fingerprint": grid_fingerprint(cfg), "name": cfg.name})
     if store:
-        store.push(sweep_dir / CONFIG_FILE, sweep_dir / STATE_FILE)
-
-
-# What a sweep's staging copy takes from the store before it continues: its state, its
-# results and its logs. prep/ and the exports are pulled only where they are needed.
-SYNCED_ON_START = (CONFIG_FILE, STATE_FILE, "results", "logs")
+        store.push(layout.config_file, layout.state_file)
 
 
 def sync_from_store(store: Store, sweep_dir: Path) -> None:
@@ -96,17 +94,19 @@ def sync_from_store(store: Store, sweep_dir: Path) -> None:
     hold (a deleted bucket prefix, an old test) is discarded, else refreshed from the store."""
     if not store.remote:
         return
-    if not store.exists(sweep_dir / STATE_FILE):
+    layout = SweepLayout.of(sweep_dir)
+    if not store.exists(layout.state_file):
         shutil.rmtree(sweep_dir, ignore_errors=True)
         return
-    for rel in SYNCED_ON_START:
-        store.pull(sweep_dir / rel)
+    # Its state, its results and its logs; prep/ and the exports are pulled only where needed.
+    for path in (layout.config_file, layout.state_file, layout.results, layout.logs):
+        store.pull(path)
 
 
 def load_sweep_config(sweep_dir: Path) -> SweepConfig:
-    path = sweep_dir / CONFIG_FILE
+    path = SweepLayout.of(sweep_dir).config_file
     if not path.is_file():
-        raise ConfigError([f"{sweep_dir} is not a sweep directory (no {CONFIG_FILE})"])
+        raise ConfigError([f"{sweep_dir} is not a sweep directory (no {path.name})"])
     return from_dict(yaml_load(path.read_text()), str(path))
 
 
@@ -122,7 +122,7 @@ def run_sweep(cfg: SweepConfig, storage: Store | Path, address: str | None, dry_
     store.check()
     sync_from_store(store, sweep_dir)
     check_resume_compatible(cfg, sweep_dir)
-    resuming = (sweep_dir / STATE_FILE).exists()
+    resuming = SweepLayout.of(sweep_dir).state_file.exists()
     write_sweep_state(cfg, sweep_dir, store)
     log = SweepLog(sweep_dir, store)
     log(f"sweep {cfg.name!r}: {len(plans)} trials -> {where}" + (" (resuming)" if resuming else ""))
@@ -134,15 +134,20 @@ def run_sweep(cfg: SweepConfig, storage: Store | Path, address: str | None, dry_
 
 def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | None,
          log: SweepLog) -> int:
+    # Ray, torch and the training stack are imported only once the config is valid, so that
+    # invalid input is refused at once.
     import ray
 
-    from sweep import tune as st
+    from sweep.cluster import start_ray
+    from sweep.driver import DriverContext
     from sweep.prep import prepare
+    from sweep.ray_private import start_autoscaling_coordinator
 
     t0 = time.perf_counter()
-    owns = st.start_ray(cfg, address)
+    layout = SweepLayout.of(sweep_dir)
+    owns = start_ray(cfg, address)
     try:
-        st.warm_train_services()
+        start_autoscaling_coordinator()
         # On the embedded cluster nothing else runs yet: preparation may use every core.
         cores = ray.cluster_resources().get("CPU", 1) - 1 if owns else cfg.resources.cpus_per_worker
         threads = max(1, math.floor(cores))
@@ -151,16 +156,17 @@ def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | 
             num_gpus=cfg.resources.gpus_per_worker,
         )
         cache_dir = str(store.local / ".cache" / "models")
-        prep = ray.get(task.remote(cfg, str(sweep_dir), cache_dir, [p.to_dict() for p in plans], threads,
-                                   store))
-        dense = prep["dense_perplexity"]
+        prep = ray.get(task.remote(cfg, str(sweep_dir), cache_dir, plans, threads, store))
         log(
-            f"prepared in {time.perf_counter() - t0:.1f} s: model {prep['model_dir']}\n"
-            f"dense perplexity {dense:.2f} ({prep['dense']['windows']} windows, "
-            f"{prep['dense']['tokens']} tokens)"
+            f"prepared in {time.perf_counter() - t0:.1f} s: model {prep.model_dir}\n"
+            f"dense perplexity {prep.dense['perplexity']:.2f} ({prep.dense['windows']} windows, "
+            f"{prep.dense['tokens']} tokens)"
         )
-        ctx = _trial_context(cfg, store, sweep_dir, prep)
-        tuner = _make_or_restore_tuner(cfg, sweep_dir, plans, ctx, dense, log)
+        ctx = DriverContext(
+            specs=build_specs(cfg, plans, layout, prep.prepared), store=store, layout=layout,
+            resources=cfg.resources, failure=cfg.failure, keep_last=cfg.checkpoint.keep_last,
+        )
+        tuner = _make_or_restore_tuner(cfg, plans, ctx, prep.dense_perplexity, log)
         tuner.fit()
     finally:
         if owns:
@@ -168,44 +174,18 @@ def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | 
     return _summarize(store, sweep_dir, log, time.perf_counter() - t0)
 
 
-def _trial_context(cfg: SweepConfig, store: Store, sweep_dir: Path, prep: dict) -> dict:
-    r = cfg.resources
-    threads = r.torch_threads or max(1, math.floor(r.cpus_per_worker))
-    return {
-        "sweep_dir": str(sweep_dir),
-        "store": store,
-        "model_name": cfg.model.name_or_path or f"config:{cfg.model.config.get('model_type')}",
-        "masks": prep["masks"],
-        "target_sparsity": prep["target_sparsity"],
-        "resources": {"cpus_per_worker": r.cpus_per_worker, "gpus_per_worker": r.gpus_per_worker,
-                      "custom_per_worker": r.custom_per_worker},
-        "worker_max_failures": cfg.failure.worker_max_failures,
-        "keep_last": cfg.checkpoint.keep_last,
-        "export_best": cfg.checkpoint.export_best,
-        "worker": {
-            "model_dir": prep["model_dir"],
-            "train_tokens": prep["train_tokens"],
-            "eval_windows": prep["eval_windows"],
-            "dense_perplexity": prep["dense_perplexity"],
-            "seq_len": cfg.data.seq_len,
-            "eval_batch_size": cfg.eval.batch_size,
-            "threads": threads,
-            "progress": True,
-            "train": to_dict(cfg.train),
-            "checkpoint": to_dict(cfg.checkpoint),
-            "early_stop": to_dict(cfg.early_stop),
-        },
-    }
+def model_name(cfg: SweepConfig) -> str:
+    return cfg.model.name_or_path or f"config:{cfg.model.config.get('model_type')}"
 
 
-def _make_or_restore_tuner(cfg, sweep_dir: Path, plans, ctx: dict, dense, log: SweepLog):
-    from sweep import tune as st
+def _make_or_restore_tuner(cfg, plans, ctx, dense, log: SweepLog):
+    from sweep.tuner import build_tuner, restore_tuner
 
-    tuner = st.restore_tuner(cfg, sweep_dir, ctx)
+    tuner = restore_tuner(cfg, ctx)
     if tuner is not None:
-        log(f"resuming the Tune experiment in {sweep_dir / st.TUNE_DIR} (finished trials are kept)")
+        log(f"resuming the Tune experiment in {ctx.layout.tune} (finished trials are kept)")
         return tuner
-    tuner, n = st.build_tuner(cfg, sweep_dir, plans, ctx, dense)
+    tuner, n = build_tuner(cfg, plans, ctx, model_name(cfg), dense)
     log(f"running {len(plans)} trials, at most {n} at once")
     return tuner
 
@@ -216,7 +196,7 @@ def _summarize(store: Store, sweep_dir: Path, log: SweepLog, wall_s: float) -> i
 
     df = build_report(sweep_dir)
     log(format_report(df))
-    log(f"sweep finished in {wall_s:.1f} s; results in {store.display(sweep_dir / 'results')}")
+    log(f"sweep finished in {wall_s:.1f} s; results in {store.display(SweepLayout.of(sweep_dir).results)}")
     errored = df[df["status"] == "errored"]
     unfinished = df[~df["status"].isin(END_STATUSES)]
     for _, r in errored.iterrows():
@@ -226,14 +206,15 @@ def _summarize(store: Store, sweep_dir: Path, log: SweepLog, wall_s: float) -> i
 
 def resume_sweep(target: str, address: str | None) -> int:
     """``target``: SWEEP_DIR, a local path or the sweep's URI in an object store."""
-    if "://" in target and not target.startswith("file://"):
+    if is_uri(target):
         remote = Remote(target)
         store = Store.open(remote.parent().uri)
-        sweep_dir = store.local / remote.name
-        for rel in (CONFIG_FILE, STATE_FILE):
-            store.pull(sweep_dir / rel)
-        if not (sweep_dir / CONFIG_FILE).is_file():
-            raise ConfigError([f"{remote.display()} is not a sweep (no {CONFIG_FILE} there)"])
+        layout = SweepLayout(store.local / remote.name)
+        sweep_dir = layout.root
+        for path in (layout.config_file, layout.state_file):
+            store.pull(path)
+        if not layout.config_file.is_file():
+            raise ConfigError([f"{remote.display()} is not a sweep (no {layout.config_file.name} there)"])
     else:
         sweep_dir = Path(target.removeprefix("file://")).expanduser().resolve()
         if not sweep_dir.is_dir():
@@ -246,8 +227,6 @@ def resume_sweep(target: str, address: str | None) -> int:
 
 
 def config_from_args(path: str, overrides: list[str], shortcuts: dict) -> SweepConfig:
-    from sweep.config import apply_overrides, load_config_dict
-
     data = apply_overrides(load_config_dict(path), overrides)
     if shortcuts.get("model"):
         data["model"] = {"name_or_path": shortcuts["model"], "gguf_file": shortcuts.get("gguf_file")}
@@ -262,5 +241,5 @@ def config_from_args(path: str, overrides: list[str], shortcuts: dict) -> SweepC
 def env_storage(storage: str | None) -> Store:
     """``--storage`` (or $SWEEP_STORAGE, or ./sweeps): a directory every node sees at the same
     path (local for one machine; NFS, Lustre... for a cluster), or an object-store URI
-    (sweep/storage.py)."""
+    (trainers/storage.py)."""
     return Store.open(storage or os.environ.get("SWEEP_STORAGE", "./sweeps"))

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 import trainers.model as model_mod
-from sweep.config import ModelConfig, resolve_model_path
 from trainers.model import (
     MARKER_FILE,
-    _save_gguf_model,
     build_model,
     byte_tokenizer,
     load_model,
     load_tokenizer,
     materialize,
 )
+from trainers.hf import tied_keys, write_hf_dir
+from trainers.spec import ModelConfig, resolve_model_path
 
 TINY = {
     "model_type": "llama",
@@ -122,8 +122,8 @@ def test_tied_weights_saved_without_save_pretrained(tmp_path):
     embeddings, as SmolLM2 has: safetensors refuses shared tensors unless they are dropped."""
     model = build_model(tiny(tie_word_embeddings=True))
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    _save_gguf_model(model, tmp_path)
-    byte_tokenizer().save_pretrained(tmp_path)
+    write_hf_dir(tmp_path, model.config, model.state_dict(), tied_keys(model),
+                 tokenizer=byte_tokenizer())
     reloaded = load_model(ModelConfig(name_or_path=str(tmp_path)))
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
     ids = torch.tensor([[1, 2, 3, 200]])

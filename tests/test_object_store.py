@@ -21,9 +21,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from sweep.config import ConfigError
 from sweep.results import EPOCHS_FILE, TRIALS_FILE, ResultsWriter
-from sweep.storage import COMPLETE, Remote, Store, staging_root
+from trainers.storage import COMPLETE, Remote, StorageError, Store, staging_root
 
 moto_server = pytest.importorskip("moto.server")
 
@@ -169,7 +168,7 @@ def test_bad_uris_fail_fast_with_exit_2_before_ray(s3, tmp_path):
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert uri.split("?")[0] in proc.stderr
         assert "Started a local Ray instance" not in proc.stderr + proc.stdout
-    with pytest.raises(ConfigError, match="nosuchfs"):
+    with pytest.raises(StorageError, match="nosuchfs"):
         Store.open(bad_scheme).check()
 
 

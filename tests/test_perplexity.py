@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from eval.cli import add_eval_arguments, run_eval
 from eval.perplexity import (
     IGNORE_INDEX,
     PAD_WINDOW,
@@ -21,7 +20,8 @@ from eval.perplexity import (
     perplexity,
     shard_windows,
 )
-from sweep.config import TextSource
+from eval.text import TextSource
+from sweep.eval_cmd import add_eval_arguments, run_eval
 
 VOCAB = 300
 
@@ -218,7 +218,7 @@ def test_dataset_rows_are_joined_and_files_read_verbatim(tmp_path):
 
 
 def test_tokenize_text_once_without_length_warning(caplog):
-    from eval.text import tokenize_text
+    from eval.perplexity import tokenize_text
     from trainers.model import byte_tokenizer
 
     tok = byte_tokenizer()
@@ -233,8 +233,8 @@ def test_tokenize_text_once_without_length_warning(caplog):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from sweep.config import ModelConfig
     from trainers.model import materialize
+    from trainers.spec import ModelConfig
 
     mc = ModelConfig(
         config={

@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from sweep.cluster import ClusterTooSmall, max_concurrent_trials, trial_resources
 from sweep.config import (
     FailureConfig,
     GridConfig,
@@ -22,12 +23,11 @@ from sweep.plan import (
     format_plan,
     grad_accum_steps,
     grid_fingerprint,
-    lr_at,
     scaled_lr,
     steps_per_epoch,
     trial_id,
 )
-from sweep.tune import ClusterTooSmall, max_concurrent_trials, trial_resources
+from trainers.step import lr_at
 
 MODEL = ModelConfig(config={"model_type": "llama"}, tokenizer="byte")
 

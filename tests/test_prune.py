@@ -25,19 +25,23 @@ from transformers import (
     OPTForCausalLM,
 )
 
-from trainers.parallel import enforce_masks, mask_gradients, shard_masks
+from trainers.parallel import (
+    enforce_masks,
+    mask_gradients,
+    measured_sparsity,
+    shard_masks,
+    sparsity_summary,
+)
 from trainers.prune import (
     apply_masks,
     compute_masks,
     decoder_blocks,
-    layer_sparsity,
     load_masks,
     magnitude_masks,
     mask_from_scores,
     prunable_linears,
     pruned_count,
     save_masks,
-    sparsity_summary,
     wanda_masks,
     wanda_scores,
 )
@@ -131,7 +135,7 @@ def test_magnitude_exact_sparsity_and_excluded_untouched(arch: str, sparsity: fl
     masks = magnitude_masks(model, sparsity)
     before = unpruned_params(model, masks)
     apply_masks(model, masks)
-    measured = layer_sparsity(model)
+    measured = measured_sparsity(model)
     assert list(masks) == list(prunable_linears(model)) == list(measured)
     for name, mask in masks.items():
         assert mask.dtype == torch.bool and mask.shape == model.get_submodule(name).weight.shape
@@ -352,7 +356,7 @@ def test_masks_survive_adamw_steps():
         assert bool((lin.weight[~masks[name]] == 0).all()), name
         assert bool((lin.weight[masks[name]] != start[name][masks[name]]).any()), name  # trained
         assert bool((opt.state[lin.weight]["exp_avg"][~masks[name]] == 0).all())
-    assert layer_sparsity(model) == {n: pruned_count(m.numel(), 0.7) / m.numel() for n, m in masks.items()}
+    assert measured_sparsity(model) == {n: pruned_count(m.numel(), 0.7) / m.numel() for n, m in masks.items()}
 
 
 def test_save_load_round_trip(tmp_path: Path):
@@ -446,7 +450,7 @@ def test_smollm2_wanda_beats_magnitude(smollm):
             model.load_state_dict(dense_state)
             masks = compute_masks(model, method, 0.5, pattern, calib_input_ids=calib)
             apply_masks(model, masks)
-            summary = sparsity_summary(layer_sparsity(model))
+            summary = sparsity_summary(measured_sparsity(model))
             assert summary["min"] >= 0.5 - 1e-6 and summary["max"] <= 0.5 + 1e-3
             label = method if pattern is None else f"{method} 2:4"
             results[label] = perplexity(model, heldout)

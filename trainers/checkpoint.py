@@ -10,9 +10,6 @@ loaded with ``weights_only=True``. The exported model is a plain Hugging Face di
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +22,9 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+
+from trainers.files import write_json
+from trainers.hf import tied_keys, write_hf_dir
 
 STATE_FILE = "trainer_state.json"
 
@@ -42,7 +42,7 @@ def save_training_state(
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
     torch.save(torch.get_rng_state(), directory / f"rng_rank{_rank()}.pt")
     if _rank() == 0:
-        (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
+        write_json(directory / STATE_FILE, state)
 
 
 def load_training_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -63,36 +63,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_hf(model: nn.Module, tokenizer_dir: Path | None, out_dir: Path) -> None:
-    """Write a Hugging Face model directory atomically (rank 0 only; call full_state_dict on
-    every rank first). Tied weights are written once, as save_pretrained does."""
-    from safetensors.torch import save_file
-
+    """Write the (sharded) model as a Hugging Face directory: a collective, every rank calls
+    it; rank 0 gathers the weights and writes (``trainers.hf``)."""
     sd = full_state_dict(model)
-    if _rank() != 0:
-        return
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
-    seen: dict[int, str] = {}
-    tensors = {}
-    for name, t in sd.items():
-        key = t.data_ptr()
-        if key in seen and t.numel() > 0:
-            continue  # tied (e.g. lm_head = embed_tokens): reloads through the config's tie flag
-        seen[key] = name
-        tensors[name] = t.contiguous()
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer_dir is not None:
-        for f in Path(tokenizer_dir).iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
-                shutil.copy2(f, tmp / f.name)
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    if _rank() == 0:
+        write_hf_dir(out_dir, model.config, sd, tied_keys(model), tokenizer_dir=tokenizer_dir)

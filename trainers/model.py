@@ -1,7 +1,7 @@
 """Loading models and tokenizers, and caching them as a plain local Hugging Face directory.
 
 Three kinds of model come in through ``ModelConfig``: a hub id or local directory, a GGUF
-file (dequantized by transformers, ~35 s for SmolLM2-135M), or a random model built from a
+file (dequantized by transformers, which is slow), or a random model built from a
 config dict (tests, smoke runs). ``materialize`` turns any of them into one local directory
 (config.json + model.safetensors + tokenizer files) so each trial reloads it in a fraction
 of a second instead of dequantizing again.
@@ -9,17 +9,13 @@ of a second instead of dequantizing again.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import os
-import shutil
-import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoConfig,
@@ -29,7 +25,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from sweep.config import ModelConfig, resolve_model_path, to_dict
+from trainers.hf import tied_keys, write_hf_dir
+from trainers.spec import ModelConfig, is_local_path, resolve_model_path
 
 BYTE_SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
 # Written last into a materialized directory: its presence means the directory is complete.
@@ -78,7 +75,7 @@ def _local_model_path(mc: ModelConfig) -> str:
         raise ValueError("model.name_or_path is not set")
     path = resolve_model_path(mc.name_or_path)
     local = Path(path).expanduser()
-    looks_local = path.startswith(("/", ".", "~")) or local.exists()
+    looks_local = is_local_path(path)
     if looks_local and not local.exists():
         raise FileNotFoundError(f"model path not found: {local}")
     if looks_local and mc.gguf_file and not (local / mc.gguf_file).is_file():
@@ -137,7 +134,7 @@ def load_model(mc: ModelConfig, dtype: torch.dtype = torch.float32) -> PreTraine
 
 
 def _config_hash(mc: ModelConfig) -> str:
-    return hashlib.sha256(json.dumps(to_dict(mc), sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(asdict(mc), sort_keys=True).encode()).hexdigest()
 
 
 def _is_complete(directory: Path, digest: str) -> bool:
@@ -147,42 +144,11 @@ def _is_complete(directory: Path, digest: str) -> bool:
         return False
 
 
-def _unshared_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """State dict that safetensors accepts: tied copies dropped (from_pretrained re-ties
-    them), any other shared storage cloned."""
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    seen: set[int] = set()
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in seen:
-            if name in tied:
-                continue
-            tensor = tensor.clone()
-        seen.add(ptr)
-        out[name] = tensor.detach().contiguous()
-    return out
-
-
-def _save_gguf_model(model: PreTrainedModel, directory: Path) -> None:
-    """save_pretrained refuses GGUF-loaded models ("quantized with gguf and is not
-    serializable"), but the weights are plain dequantized tensors by now: save the config
-    without its quantization entry and the state dict directly."""
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    config.save_pretrained(directory)
-    save_file(_unshared_state_dict(model), str(directory / "model.safetensors"), {"format": "pt"})
-
-
-def _write_model_dir(mc: ModelConfig, directory: Path, model: PreTrainedModel | None) -> None:
+def _write_model_dir(mc: ModelConfig, directory: Path, model: PreTrainedModel | None,
+                     marker: str) -> None:
     model = load_model(mc) if model is None else model
-    tokenizer = load_tokenizer(mc)
-    if mc.gguf_file:
-        _save_gguf_model(model, directory)
-    else:
-        model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    write_hf_dir(directory, model.config, model.state_dict(), tied_keys(model),
+                 tokenizer=load_tokenizer(mc), extra_files={MARKER_FILE: marker})
 
 
 def cache_target(mc: ModelConfig, cache_dir: Path) -> Path:
@@ -198,29 +164,13 @@ def materialize(mc: ModelConfig, cache_dir: Path, model: PreTrainedModel | None 
     """A plain local HF directory for ``mc`` under ``cache_dir``, built once and reused.
 
     ``model``: the model ``mc`` names when the caller has already loaded it (dequantizing a
-    GGUF twice costs ~35 s).
+    GGUF is slow: it should happen once).
 
-    The directory is named by a hash of ``mc`` and built in a temporary directory beside it,
-    then renamed into place, so a crash never leaves a half-written model that looks usable
-    and concurrent callers both end up with one complete copy.
+    The directory is named by a hash of ``mc`` and written atomically (``trainers.hf``), with a
+    marker holding the hash, so a crash never leaves a half-written model that looks usable.
     """
     digest = _config_hash(mc)
-    cache_dir = Path(cache_dir).expanduser()
     target = cache_target(mc, cache_dir)
-    if _is_complete(target, digest):
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=cache_dir))
-    try:
-        _write_model_dir(mc, tmp, model)
-        (tmp / MARKER_FILE).write_text(json.dumps({"hash": digest, "model": to_dict(mc)}))
-        if target.exists() and not _is_complete(target, digest):
-            shutil.rmtree(target)  # left by an older, interrupted layout
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not _is_complete(target, digest):  # not a concurrent winner: a real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not _is_complete(target, digest):
+        _write_model_dir(mc, target, model, json.dumps({"hash": digest, "model": asdict(mc)}))
     return target

@@ -12,7 +12,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from trainers.prune import prunable_linears
 
 
 def is_distributed() -> bool:
@@ -25,9 +28,7 @@ def shard_model(model: nn.Module, blocks: nn.ModuleList, mixed_precision: bool) 
     With ``mixed_precision`` (GPU) parameters are gathered in bf16 for compute while the
     sharded master weights, gradients' reduction and optimizer state stay fp32. A single CPU
     rank has nothing to shard and no precision to change: the wrapper would only cost time
-    (`make bench` measured it at 0.56x the bare step on the tiny model), so it is skipped."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
+    (README, Benchmarks: the FSDP2 wrap row), so it is skipped."""
     world = dist.get_world_size() if is_distributed() else 1
     if world == 1 and not mixed_precision:
         return model
@@ -90,22 +91,34 @@ def enforce_masks(model: nn.Module, pruned: dict[str, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def measured_sparsity(model: nn.Module, names: list[str]) -> dict[str, float]:
-    """Zero fraction of each named layer's weight, counted on the local shards and summed over
-    ranks: measured on the weights themselves, never copied from the config."""
+def measured_sparsity(model: nn.Module, names: list[str] | None = None) -> dict[str, float]:
+    """Zero fraction of each named layer's weight (default: every prunable layer), counted on
+    the local shards and summed over ranks: measured on the weights themselves, never copied
+    from the config. The one sparsity measure of the project (prep, worker, tests)."""
+    names = list(prunable_linears(model)) if names is None else list(names)
     modules = dict(model.named_modules())
     counts = torch.zeros(len(names), 2, dtype=torch.float64)
     for i, name in enumerate(names):
         w = local(modules[name].weight)
         counts[i, 0] = (w == 0).sum().item()
         counts[i, 1] = w.numel()
-    if is_distributed():
-        backend = dist.get_backend()
-        if backend == "nccl":
-            counts = counts.cuda()
-        dist.all_reduce(counts)
-        counts = counts.cpu()
+    all_reduce_sum(counts)
     return {n: float(counts[i, 0] / counts[i, 1]) for i, n in enumerate(names)}
+
+
+def sparsity_summary(per_layer: dict[str, float], sizes: dict[str, int] | None = None) -> dict[str, float]:
+    """min / mean / max across layers, and overall = zeros / weights (size-weighted; without
+    ``sizes`` every layer counts the same, so overall == mean)."""
+    if not per_layer:
+        raise ValueError("no layers to summarise")
+    values = list(per_layer.values())
+    if sizes is None:
+        overall = sum(values) / len(values)
+    else:
+        total = sum(sizes[name] for name in per_layer)
+        overall = sum(round(s * sizes[name]) for name, s in per_layer.items()) / total
+    return {"min": min(values), "mean": sum(values) / len(values), "max": max(values),
+            "overall": overall}
 
 
 def all_reduce_sum(t: torch.Tensor) -> None:

@@ -21,18 +21,18 @@ index is pruned first.
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from decimal import ROUND_HALF_UP, Decimal
-from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from trainers.files import atomic_write
+from trainers.spec import Pattern, parse_pattern
+
 Masks = dict[str, torch.Tensor]
-Pattern = tuple[int, int]
 METHODS = ("magnitude", "wanda")
 
 
@@ -92,7 +92,7 @@ def resolve_sparsity(sparsity: float | None, pattern: Pattern | None) -> float:
         if sparsity is None or not 0.0 <= float(sparsity) <= 1.0:
             raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
         return float(sparsity)
-    n, m = _check_pattern(pattern)
+    n, m = parse_pattern(pattern)
     implied = 1.0 - n / m
     if sparsity is not None and abs(float(sparsity) - implied) > 1e-9:
         raise ValueError(
@@ -100,16 +100,6 @@ def resolve_sparsity(sparsity: float | None, pattern: Pattern | None) -> float:
             "pass sparsity=None or the implied value"
         )
     return implied
-
-
-def _check_pattern(pattern: Pattern) -> Pattern:
-    try:
-        n, m = (int(x) for x in pattern)
-    except (TypeError, ValueError):
-        raise ValueError(f"pattern must be (N, M), got {pattern!r}") from None
-    if not 0 < n < m:
-        raise ValueError(f"pattern {n}:{m} needs 0 < N < M")
-    return n, m
 
 
 def _mask_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -155,7 +145,7 @@ def mask_from_scores(
 ) -> torch.Tensor:
     """Keep-mask from a [out, in] score matrix: N:M groups, per row, or per layer."""
     if pattern is not None:
-        return _mask_nm(score, _check_pattern(pattern))
+        return _mask_nm(score, parse_pattern(pattern))
     if per_row:
         return _mask_rows(score, pruned_count(score.shape[-1], sparsity))
     return _mask_whole(score, pruned_count(score.numel(), sparsity))
@@ -167,13 +157,21 @@ def mask_from_scores(
 
 @torch.no_grad()
 def magnitude_masks(
-    model: nn.Module, sparsity: float | None, pattern: Pattern | None = None
+    model: nn.Module,
+    sparsity: float | Mapping[str, float] | None,
+    pattern: Pattern | None = None,
 ) -> Masks:
-    """Per-layer magnitude masks: drop the smallest |W| of each layer (or of each N:M group)."""
-    sparsity = resolve_sparsity(sparsity, pattern)
+    """Per-layer magnitude masks: drop the smallest |W| of each layer (or of each N:M group).
+
+    ``sparsity``: one value for every layer, or {layer name: value} (``resolve_layer_sparsity``).
+    """
+    linears = prunable_linears(model)
+    per_layer = resolve_layer_sparsity(sparsity, pattern, linears)
     return {
-        name: mask_from_scores(lin.weight.detach().abs().float(), sparsity, pattern, per_row=False)
-        for name, lin in prunable_linears(model).items()
+        name: mask_from_scores(
+            lin.weight.detach().abs().float(), per_layer[name], pattern, per_row=False
+        )
+        for name, lin in linears.items()
     }
 
 
@@ -298,7 +296,7 @@ def _check_uniform_layers(model: nn.Module) -> None:
 @torch.no_grad()
 def wanda_masks(
     model: nn.Module,
-    sparsity: float | None,
+    sparsity: float | Mapping[str, float] | None,
     calib_input_ids: torch.Tensor,
     pattern: Pattern | None = None,
     batch_size: int = 8,
@@ -310,12 +308,14 @@ def wanda_masks(
     blocks before it, so the masks are applied as they are computed; the returned masks
     reproduce the pruned model exactly (``apply_masks`` with them is a no-op afterwards).
     ``batch_size`` calibration sequences go through a block at a time, to bound memory.
+    ``sparsity``: one value for every layer, or {layer name: value} (e.g. OWL's, per block).
     """
-    sparsity = resolve_sparsity(sparsity, pattern)
+    linears_by_name = prunable_linears(model)
+    per_layer = resolve_layer_sparsity(sparsity, pattern, linears_by_name)
     if calib_input_ids.dim() != 2 or calib_input_ids.shape[0] == 0:
         raise ValueError(f"calib_input_ids must be [S, T] with S >= 1, got {tuple(calib_input_ids.shape)}")
     _check_uniform_layers(model)
-    names = {id(lin): name for name, lin in prunable_linears(model).items()}
+    names = {id(lin): name for name, lin in linears_by_name.items()}
     _, blocks = decoder_blocks(model)
     was_training = model.training
     model.eval()
@@ -327,12 +327,39 @@ def wanda_masks(
             sq_norms = _input_sq_norms(block, linears, inputs)
             for name, lin in linears.items():
                 score = wanda_scores(lin.weight, sq_norms[name])
-                masks[name] = mask_from_scores(score, sparsity, pattern, per_row=True)
+                masks[name] = mask_from_scores(score, per_layer[name], pattern, per_row=True)
                 lin.weight.masked_fill_(~masks[name], 0)
             _run_block(block, inputs)
     finally:
         model.train(was_training)
     return masks
+
+
+def resolve_layer_sparsity(
+    sparsity: float | Mapping[str, float] | None,
+    pattern: Pattern | None,
+    names: Mapping[str, Any] | list[str],
+) -> dict[str, float]:
+    """The sparsity in effect for each named layer, each value checked by ``resolve_sparsity``.
+
+    ``names``: the layer names, or a mapping keyed by them (``prunable_linears``).
+    A single value applies to every layer; a mapping (OWL's per-block sparsities, expanded to
+    layers) must name exactly these layers: a missing or unknown name is an error rather than
+    a silent default, since a typo would otherwise leave a layer dense or unpruned as asked.
+    """
+    names = list(names)
+    if not isinstance(sparsity, Mapping):
+        value = resolve_sparsity(sparsity, pattern)
+        return dict.fromkeys(names, value)
+    missing = [name for name in names if name not in sparsity]
+    unknown = sorted(set(sparsity) - set(names))
+    if missing or unknown:
+        raise ValueError(
+            f"per-layer sparsity must name every prunable layer exactly: missing {missing[:3]}"
+            f"{'...' if len(missing) > 3 else ''}, unknown {unknown[:3]}"
+            f"{'...' if len(unknown) > 3 else ''}"
+        )
+    return {name: resolve_sparsity(sparsity[name], pattern) for name in names}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,12 +369,15 @@ def wanda_masks(
 def compute_masks(
     model: nn.Module,
     method: str,
-    sparsity: float | None,
+    sparsity: float | Mapping[str, float] | None,
     pattern: Pattern | None = None,
     calib_input_ids: torch.Tensor | None = None,
     batch_size: int = 8,
 ) -> Masks:
-    """Masks by method name. Wanda leaves the model pruned; follow with ``apply_masks`` always."""
+    """Masks by method name. Wanda leaves the model pruned; follow with ``apply_masks`` always.
+
+    ``sparsity``: one value, or {layer name: value} for every prunable layer.
+    """
     if method == "magnitude":
         return magnitude_masks(model, sparsity, pattern)
     if method == "wanda":
@@ -373,58 +403,15 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
     return model
 
 
-@torch.no_grad()
-def layer_sparsity(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, float]:
-    """Measured fraction of exact zeros in each layer's weight (default: the prunable ones)."""
-    names = list(prunable_linears(model)) if names is None else list(names)
-    out = {}
-    for name in names:
-        weight = model.get_submodule(name).weight
-        out[name] = 1.0 - torch.count_nonzero(weight).item() / weight.numel()
-    return out
-
-
-def sparsity_summary(
-    per_layer: Mapping[str, float], sizes: Mapping[str, int] | None = None
-) -> dict[str, float]:
-    """min / mean / max across layers, and overall = zeros / weights (size-weighted).
-
-    Without ``sizes`` every layer counts the same (overall == mean).
-    """
-    if not per_layer:
-        raise ValueError("no layers to summarise")
-    values = list(per_layer.values())
-    if sizes is None:
-        overall = sum(values) / len(values)
-    else:
-        total = sum(sizes[name] for name in per_layer)
-        overall = sum(round(s * sizes[name]) for name, s in per_layer.items()) / total
-    return {
-        "min": min(values),
-        "mean": sum(values) / len(values),
-        "max": max(values),
-        "overall": overall,
-    }
-
-
 # ---------------------------------------------------------------------------------------------
 # Persistence
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write masks as safetensors (bool as uint8), atomically: temp file, fsync, os.replace."""
-    path = Path(path)
+    """Write masks as safetensors (bool as uint8), atomically (``trainers.files``)."""
     tensors = {name: m.detach().to("cpu", torch.uint8).contiguous() for name, m in masks.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", "content": "prune-masks-uint8"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    metadata = {"format": "pt", "content": "prune-masks-uint8"}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_masks(path: str | os.PathLike, device: str | torch.device = "cpu") -> Masks:

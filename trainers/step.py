@@ -1,4 +1,5 @@
-"""One optimizer step with fixed masks, shared by the worker loop and the tests."""
+"""One optimizer step with fixed masks, and the learning rate of each step; shared by the worker
+loop, the benchmarks and the tests."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ import torch
 from torch import nn
 
 from trainers.parallel import enforce_masks, mask_gradients
+
+
+def lr_at(step: int, peak_lr: float, total_steps: int, warmup_frac: float = 0.0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then constant."""
+    warmup_steps = int(warmup_frac * total_steps)
+    if warmup_steps and step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    return peak_lr
 
 
 def train_step(

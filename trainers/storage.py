@@ -25,15 +25,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sweep.config import ConfigError
-
 STAGING_ENV = "SWEEP_STAGING"
 # Written last into every pushed directory: a directory without it is an interrupted push.
 COMPLETE = ".sweep-complete"
 DEFAULT_STAGING = "~/.cache/sweep/staging"
 
 
+class StorageError(ValueError):
+    """A ``--storage`` URI that cannot be opened or written: the user's input, reported with
+    exit code 2 like any other invalid input."""
+
+
 def is_uri(raw: str) -> bool:
+    """An object-store URI (``s3://...``); ``file://`` and plain paths are local directories."""
     return "://" in str(raw) and not str(raw).startswith("file://")
 
 
@@ -76,7 +80,7 @@ class Remote:
             try:
                 self._fs, self._root = pafs.FileSystem.from_uri(self.uri)
             except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds
-                raise ConfigError([f"--storage {self.base}: cannot open it: {e}"]) from e
+                raise StorageError(f"--storage {self.base}: cannot open it: {e}") from e
             self._root = self._root.rstrip("/")
         return self._fs, self._root
 
@@ -105,10 +109,10 @@ class Remote:
             with self.fs.open_output_stream(probe) as f:
                 f.write(b"ok")
             self.fs.delete_file(probe)
-        except ConfigError:
+        except StorageError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise ConfigError([f"--storage {self.base}: cannot write there: {e}"]) from e
+            raise StorageError(f"--storage {self.base}: cannot write there: {e}") from e
 
     def push(self, local: Path, rel: str) -> None:
         """Copy a file, or a directory's files, to ``rel`` (a directory is replaced)."""

@@ -1,7 +1,6 @@
 """``sweep eval``: perplexity of one model on one text, as a JSON line a script can parse.
 
-The command is registered by ``sweep/cli.py``; this module only adds its arguments and runs
-it. Inputs are checked before anything heavy is loaded (exit 2, naming the path or flag).
+The command is registered by ``sweep/cli.py``; this module adds its arguments and runs it. Inputs are checked before anything heavy is loaded (exit 2, naming the path or flag).
 """
 
 from __future__ import annotations
@@ -15,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from eval.perplexity import evaluate, make_windows
-from eval.text import load_text, tokenize_text
-from sweep.config import ModelConfig, TextSource, resolve_model_path
+from eval.perplexity import evaluate, make_windows, tokenize_text
+from eval.text import TextSource, load_text
+from trainers.spec import ModelConfig, is_local_path, resolve_model_path
 
 EXIT_INVALID_INPUT = 2
 
@@ -80,7 +79,7 @@ def _input_problems(args: argparse.Namespace) -> list[str]:
     except FileNotFoundError as e:
         problems.append(f"--model: {e}")
     else:
-        is_local = args.model.startswith(("/", ".", "~", "pkg:")) or model_path.exists()
+        is_local = is_local_path(args.model)
         if is_local and not model_path.exists():
             problems.append(f"--model: path not found: {args.model}")
         elif is_local and args.gguf_file and not (model_path / args.gguf_file).is_file():

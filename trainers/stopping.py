@@ -3,7 +3,7 @@
 Divergence and plateau are decided by the trial itself (it knows its own history), so a
 stopped trial ends like a finished one: its last rows and checkpoint are written and its
 workers are released at once. ASHA needs the other trials and runs as a Tune scheduler
-(``sweep.tune.build_scheduler``).
+(``sweep.tuner.build_scheduler``).
 """
 
 from __future__ import annotations

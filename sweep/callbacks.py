@@ -1,0 +1,201 @@
+"""Ray Tune callbacks in the sweep's driver process: the one writer of results, the freeing of a
+stopped trial's placement group, and the experiment trackers a config names."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.util.placement_group import PlacementGroup, placement_group_table
+
+from sweep.config import SweepConfig
+from sweep.layout import SweepLayout
+from sweep.results import END_STATUSES, ResultsWriter, improvement_pct
+from trainers.metrics import columns_from
+from trainers.spec import TrialPlan
+from trainers.storage import Store
+
+
+def trial_key(trial) -> str:
+    """The trial's id, the Tune grid's only parameter."""
+    return trial.config["trial_id"]
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+class ResultsCallback(tune.Callback):
+    """Turns Tune events into Parquet rows keyed by (trial_id, epoch) and trial_id.
+
+    Pickled into tuner.pkl with the run config, so the writer is rebuilt lazily."""
+
+    def __init__(self, sweep_dir: str, sweep: str, model: str, dense: float | None,
+                 plans: list[TrialPlan], scheduler_name: str = "trial", store: Store | None = None):
+        self.sweep_dir, self.sweep, self.model, self.dense = sweep_dir, sweep, model, dense
+        self.store = store or Store(Path(sweep_dir).parent)
+        self.scheduler_name = scheduler_name
+        self.plans = {p.trial_id: p for p in plans}
+        self._writer: ResultsWriter | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_writer": None}
+
+    def relocate(self, sweep_dir: str, store: Store) -> None:
+        """Write to this run's SWEEP_DIR: the pickled one may be another machine's (a sweep
+        resumed from an object store, or a moved directory)."""
+        self.sweep_dir, self.store, self._writer = sweep_dir, store, None
+
+    @property
+    def writer(self) -> ResultsWriter:
+        if self._writer is None:
+            self._writer = ResultsWriter(self.sweep_dir, on_write=self.store.push)
+        return self._writer
+
+    def setup(self, **info) -> None:
+        for tid, p in self.plans.items():
+            if self.writer.trial(tid) is None:
+                self.writer.upsert_trial(self._trial_base(p, status="pending"))
+
+    def _trial_base(self, p: TrialPlan, **extra) -> dict:
+        return {
+            "sweep": self.sweep, "trial_id": p.trial_id, "model": self.model,
+            "method": p.method, "pattern": p.pattern, "sparsity": p.sparsity,
+            "batch_size": p.batch_size, "lr": p.lr, "steps_per_epoch": p.steps_per_epoch,
+            "num_epochs": p.num_epochs, "workers": p.workers, "epochs_completed": 0,
+            "dense_perplexity": self.dense, **extra,
+        }
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.writer.upsert_trial({"trial_id": trial_key(trial), "status": "running",
+                                  "stop_reason": None, "updated_at": _now()})
+
+    def epoch_row(self, plan: TrialPlan, result: dict) -> dict:
+        """An ``epochs`` row from a trial's report (trainers.metrics.EPOCH_COLUMNS)."""
+        return {
+            **{name: getattr(plan, name) for name in columns_from("plan")},
+            **{name: result.get(name) for name in columns_from("report")},
+            "epoch": int(result["epoch"]),
+            "sweep": self.sweep,
+            "improvement_pct": improvement_pct(result.get("baseline_perplexity"), result["perplexity"]),
+            "timestamp": _now(),
+        }
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if result.get("kind") != "eval":
+            return
+        tid = trial_key(trial)
+        row = self.epoch_row(self.plans[tid], result)
+        baseline = result.get("baseline_perplexity")
+        self.writer.drop_epochs_after(tid, row["epoch"])  # a restart from an earlier checkpoint
+        self.writer.upsert_epoch(row)
+        rows = self.writer.epochs_of(tid)
+        finite = [r for r in rows if r["perplexity"] is not None and math.isfinite(r["perplexity"])]
+        best = min(finite, key=lambda r: r["perplexity"]) if finite else None
+        last = rows[-1]
+        export = SweepLayout.of(self.sweep_dir).export(tid)
+        exported = self.store.exists(export)
+        self.writer.upsert_trial({
+            "trial_id": tid, "epochs_completed": last["epoch"], "baseline_perplexity": baseline,
+            "final_perplexity": last["perplexity"],
+            "best_perplexity": best["perplexity"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "improvement_pct": improvement_pct(baseline, last["perplexity"]),
+            "sparsity_actual": result.get("sparsity_actual"),
+            "best_checkpoint": self.store.display(export) if exported else None,
+            "export_dir": self.store.display(export) if exported else None,
+            "wall_s": result.get("wall_s"),
+            "mem_peak_mb": max((r["mem_peak_mb"] or 0) for r in rows) or None,
+            "updated_at": _now(),
+            # A trial that stopped itself (diverged, plateau) says so in its last report.
+            **({"status": result["status"], "stop_reason": result.get("stop_reason")}
+               if result.get("status") else {}),
+        })
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        tid = trial_key(trial)
+        row = self.writer.trial(tid) or {}
+        if row.get("status") in END_STATUSES:
+            return
+        done = row.get("epochs_completed") or 0
+        if done < self.plans[tid].num_epochs:
+            # Ended before its last epoch without a reason of its own: the scheduler stopped it.
+            update = {"status": "early_stopped",
+                      "stop_reason": f"stopped by the {self.scheduler_name} scheduler after epoch {done}"}
+        else:
+            update = {"status": "completed", "stop_reason": None}
+        self.writer.upsert_trial({"trial_id": tid, **update, "updated_at": _now()})
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.writer.upsert_trial({"trial_id": trial_key(trial), "status": "errored",
+                                  "stop_reason": _error_text(trial), "updated_at": _now()})
+
+
+class PlacementGroupReaper(tune.Callback):
+    """Frees a stopped trial's worker placement group.
+
+    When Tune stops a trial (ASHA), the trial actor is killed and its nested Train run's
+    placement group is only removed by Ray's cleaner, which needs the State API of
+    ray[default] (ray-project/ray#54305); without it later trials starve. Rank 0 reports its
+    placement group id with every result, and this callback removes it once the trial ends."""
+
+    def __init__(self) -> None:
+        self.pg_ids: dict[str, str] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if result.get("pg_id"):
+            self.pg_ids[trial.trial_id] = result["pg_id"]
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._reap(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._reap(trial)
+
+    def _reap(self, trial) -> None:
+        pg_hex = self.pg_ids.pop(trial.trial_id, None)
+        if pg_hex:
+            remove_placement_group_if_alive(pg_hex)
+
+
+def remove_placement_group_if_alive(pg_hex: str) -> bool:
+    try:
+        state = placement_group_table().get(pg_hex, {}).get("state")
+        if state in (None, "REMOVED"):
+            return False
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
+        return True
+    except Exception:  # noqa: BLE001 - best effort: never fail a sweep over cleanup
+        return False
+
+
+def logger_callbacks(cfg: SweepConfig) -> list:
+    """Experiment trackers the config names, through Ray Tune's own logger callbacks (they read
+    their credentials from the environment: WANDB_API_KEY, MLFLOW_TRACKING_URI). TensorBoard
+    files are always written by Tune's default loggers. Imported only when named: each pulls
+    in its tracker's package."""
+    out = []
+    if "wandb" in cfg.loggers:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        out.append(WandbLoggerCallback(project=cfg.name))
+    if "mlflow" in cfg.loggers:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        out.append(MLflowLoggerCallback(experiment_name=cfg.name))
+    return out
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None) or getattr(getattr(trial, "run_metadata", None), "error_filename", None)
+    try:
+        if path and os.path.exists(path):
+            text = Path(path).read_text().strip().splitlines()
+            return text[-1][:500] if text else "error"
+    except OSError:
+        pass
+    return "errored (see the trial's log)"

@@ -1,0 +1,93 @@
+"""The one place that spells SWEEP_DIR's layout.
+
+    SWEEP_DIR/
+      sweep.yaml              the resolved config            sweep.json  fingerprint and name
+      prep/                   once per sweep: train_tokens, eval_windows, dense.json, masks/
+      tune/                   Ray Tune's experiment (tuner.pkl, one directory per trial)
+      train/train-<trial>/    each trial's Ray Train run and its checkpoints
+      results/                epochs.parquet, trials.parquet
+      logs/                   sweep.log, <trial>.log, <trial>.progress.json
+      export/<trial>/         the best model so far, a Hugging Face directory
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainers.spec import pattern_label
+
+
+@dataclass(frozen=True)
+class SweepLayout:
+    root: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "sweep.yaml"
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "sweep.json"
+
+    @property
+    def prep(self) -> Path:
+        return self.root / "prep"
+
+    @property
+    def train_tokens(self) -> Path:
+        return self.prep / "train_tokens.safetensors"
+
+    @property
+    def eval_windows(self) -> Path:
+        return self.prep / "eval_windows.safetensors"
+
+    @property
+    def dense(self) -> Path:
+        return self.prep / "dense.json"
+
+    @property
+    def masks_dir(self) -> Path:
+        return self.prep / "masks"
+
+    def mask(self, method: str, pattern: str | None, sparsity: float) -> Path:
+        """Masks are shared by every batch size of one (method, pattern, sparsity)."""
+        label = pattern_label(pattern)
+        return self.masks_dir / f"{method}{f'-{label}' if label else ''}-s{sparsity:g}.safetensors"
+
+    @property
+    def tune(self) -> Path:
+        return self.root / "tune"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @staticmethod
+    def train_run_name(trial_id: str) -> str:
+        return f"train-{trial_id}"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def sweep_log(self) -> Path:
+        return self.logs / "sweep.log"
+
+    def trial_log(self, trial_id: str) -> Path:
+        return self.logs / f"{trial_id}.log"
+
+    def progress(self, trial_id: str) -> Path:
+        return self.logs / f"{trial_id}.progress.json"
+
+    def export(self, trial_id: str) -> Path:
+        return self.root / "export" / trial_id
+
+    @staticmethod
+    def of(sweep_dir: str | Path) -> SweepLayout:
+        return SweepLayout(Path(sweep_dir))

@@ -1,0 +1,146 @@
+"""One rank's part of one trial, with no Ray in sight: build the pruned model, train, evaluate,
+measure sparsity, save and restore. ``trainers.loop`` drives it; ``trainers.worker`` adapts it
+to Ray Train; tests and ``bench/`` call it directly (one process, or ranks they start).
+
+Everything per-sweep (the materialized model, tokens, evaluation windows, masks, the dense
+perplexity) was prepared once before the grid; a trial only reads it (``TrialSpec.prepared``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from eval.perplexity import evaluate
+from trainers.checkpoint import export_hf, load_training_state, save_training_state
+from trainers.data import micro_batches, pack_blocks, worker_batch
+from trainers.model import load_model
+from trainers.parallel import (
+    all_reduce_sum,
+    measured_sparsity,
+    shard_masks,
+    shard_model,
+    sparsity_summary,
+)
+from trainers.prune import apply_masks, decoder_blocks, load_masks
+from trainers.spec import ModelConfig, TrialSpec
+from trainers.step import lr_at, train_step
+
+
+@dataclass
+class LoopState:
+    """Everything the loop needs to resume exactly (saved as JSON beside the shards)."""
+
+    epoch: int = 0  # evaluations done after epoch 0 (the baseline)
+    step: int = 0  # optimizer steps done, over all epochs; also the data position
+    epoch_loss_sum: float = 0.0  # loss of the steps of the current, unfinished epoch
+    epoch_loss_steps: int = 0
+    epoch_train_s: float = 0.0  # training seconds of the current epoch (across restarts)
+    baseline: float | None = None
+    best: float | None = None
+    best_epoch: int | None = None
+    sparsity_actual: float | None = None
+    history: list = field(default_factory=list)  # [{epoch, perplexity, loss}]
+    stopped: str | None = None  # "early_stopped" / "diverged"
+    stop_reason: str | None = None
+
+
+def silence_transformers() -> None:
+    """Workers print trial blocks, not transformers' progress bars and advice."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+class TrialCore:
+    """The model, optimizer, data and loop state of one rank of one trial."""
+
+    def __init__(self, spec: TrialSpec, rank: int = 0, world: int = 1,
+                 device: torch.device | None = None):
+        self.spec, self.plan = spec, spec.plan
+        self.rank, self.world = rank, world
+        self.device = device or torch.device("cpu")
+        self.st = LoopState()
+        self.t_start = time.perf_counter()
+        torch.set_num_threads(spec.threads)
+        torch.manual_seed(spec.train.seed + rank)
+
+    def build(self) -> None:
+        """Load the prepared model, apply the masks, shard it, and load the data."""
+        prep = self.spec.prepared
+        model = load_model(ModelConfig(name_or_path=prep.model_dir))
+        masks = load_masks(prep.masks)
+        apply_masks(model, masks)
+        if self.device.type == "cuda":
+            model.to(self.device)
+        _, blocks = decoder_blocks(model)
+        self.names = sorted(masks)
+        self.sizes = {n: m.numel() for n, m in masks.items()}
+        self.model = shard_model(model, blocks, mixed_precision=self.device.type == "cuda")
+        self.pruned = shard_masks(self.model, masks)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=self.plan.lr, weight_decay=self.spec.train.weight_decay
+        )
+        self.blocks = pack_blocks(load_file(prep.train_tokens)["tokens"], self.spec.seq_len)
+        self.windows = load_file(prep.eval_windows)
+
+    # -- measuring ---------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Perplexity on the evaluation windows, sharded across ranks; adds ``seconds``."""
+        t0 = time.perf_counter()
+        out = evaluate(
+            self.model, self.windows["input_ids"], self.windows["labels"],
+            batch_size=self.spec.eval_batch_size, rank=self.rank, world_size=self.world,
+            all_reduce=all_reduce_sum if self.world > 1 else None,
+            progress=self.spec.progress_bar and self.rank == 0,
+        )
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+    def measure_sparsity(self) -> dict:
+        """min / mean / max / overall over the pruned layers, measured on the weights; the
+        overall (size-weighted) value is kept as ``sparsity_actual``."""
+        summary = sparsity_summary(measured_sparsity(self.model, self.names), self.sizes)
+        self.st.sparsity_actual = summary["overall"]
+        return summary
+
+    # -- training ----------------------------------------------------------------------------
+    def step(self) -> float:
+        """One optimizer step at the current data position; returns this rank's loss."""
+        st, plan, train = self.st, self.plan, self.spec.train
+        t0 = time.perf_counter()
+        idx = worker_batch(st.step, plan.batch_size, self.blocks.shape[0], train.seed,
+                           self.rank, self.world)
+        loss = train_step(
+            self.model, self.opt, self.blocks, micro_batches(idx, plan.grad_accum), self.pruned,
+            lr_at(st.step, plan.lr, plan.total_steps, train.warmup_frac),
+            train.max_grad_norm, self.device,
+        )
+        st.step += 1
+        st.epoch_loss_sum += loss
+        st.epoch_loss_steps += 1
+        st.epoch_train_s += time.perf_counter() - t0
+        return loss
+
+    def epoch_loss(self) -> float:
+        """Mean loss over all ranks and steps of the current epoch (a collective)."""
+        st = self.st
+        loss = torch.tensor([st.epoch_loss_sum / max(st.epoch_loss_steps, 1)], dtype=torch.float64)
+        all_reduce_sum(loss)
+        return float(loss.item()) / self.world
+
+    # -- state -------------------------------------------------------------------------------
+    def save(self, directory: Path, state: dict) -> None:
+        save_training_state(directory, self.model, self.opt, state)
+
+    def restore(self, directory: Path) -> None:
+        self.st = LoopState(**load_training_state(directory, self.model, self.opt))
+
+    def export(self, out_dir: Path) -> None:
+        """The model as it is now, as a Hugging Face directory (a collective)."""
+        export_hf(self.model, Path(self.spec.prepared.model_dir), out_dir)
