@@ -28,6 +28,7 @@ demo: setup
 	.venv/bin/sweep run configs/demo.yaml --name demo
 
 test: setup
+	.venv/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
@@ -41,6 +42,7 @@ bench: setup
 
 lint: setup
 	.venv/bin/ruff check sweep trainers eval tests bench
+	.venv/bin/lint-imports
 
 clean:
 	rm -rf .venv sweeps .pytest_cache bench/out

@@ -1,6 +1,6 @@
 """Perplexity as pure functions of (model, token windows).
 
-The protocol (contract, "Perplexity protocol"): windows of ``token_length`` tokens start
+The protocol (README, "Perplexity protocol"): windows of ``token_length`` tokens start
 every ``stride`` tokens; only full windows are kept (the trailing partial window is dropped,
 as SparseGPT and Wanda do); with overlapping windows the tokens already scored by the
 previous window are context only (label -100). ``perplexity = exp(sum NLL / scored tokens)``

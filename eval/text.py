@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Literal
 
 # The separator the reference projects put between dataset rows ("\n\n".join(test["text"])).
@@ -35,8 +36,6 @@ class TextSource:
 
 def _pydoc_topics(part: str) -> str:
     """CPython's bundled documentation topics: real English text that needs no download."""
-    from pydoc_data.topics import topics
-
     keys = sorted(topics)
     if part == "eval":
         keys = [k for i, k in enumerate(keys) if i % 10 == 0]

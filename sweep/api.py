@@ -23,8 +23,10 @@ from typing import Literal
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow import fs as pafs
 
 from sweep.results import EPOCHS_FILE, EPOCHS_SCHEMA, TRIALS_FILE, TRIALS_SCHEMA, results_dir
+from trainers.storage import Store, is_uri
 
 TABLES: dict[str, tuple[str, pa.Schema]] = {
     "epochs": (EPOCHS_FILE, EPOCHS_SCHEMA),
@@ -49,10 +51,6 @@ def _has_results(d: Path) -> bool:
 def pull_results(uri: str) -> Path:
     """A local copy of the results of the sweep (or of every sweep of the storage root) at
     ``uri``: ``<staging>/<sweep>/results``. Raises FileNotFoundError naming the URI."""
-    from pyarrow import fs as pafs
-
-    from trainers.storage import Store
-
     store = Store.open(uri)
     remote = store.remote
     if remote.kind("results") == "dir":
@@ -77,8 +75,6 @@ def pull_results(uri: str) -> Path:
 def localize(path: str | os.PathLike) -> str | os.PathLike:
     """``path`` itself, or for an object-store URI the local copy of its results (one
     download). Entry points that read several times call it once first."""
-    from trainers.storage import is_uri
-
     return pull_results(str(path)) if is_uri(str(path)) else path
 
 

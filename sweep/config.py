@@ -72,7 +72,7 @@ class DataConfig:
 class EvalConfig:
     # Evaluation text (default: the WikiText-2 raw test split).
     text: TextSource = field(default_factory=TextSource)
-    # Window length and stride in tokens (the contract's perplexity protocol).
+    # Window length and stride in tokens (README, "Perplexity protocol").
     token_length: int = 2048
     # Windows start every `stride` tokens; stride < token_length overlaps them, the overlap
     # being context only; stride > token_length is refused.
@@ -116,7 +116,7 @@ class ResourcesConfig:
     # Concurrent trials (None: as many as the cluster fits, each fully placed).
     max_concurrent_trials: int | None = None
     # CPU held by each trial's driver (the Tune function that runs its TorchTrainer): kept tiny so
-    # drivers never starve the workers (ray-notes: the resource deadlock).
+    # drivers never starve the workers (docs/design.md, "The resource deadlock").
     driver_cpus: float = 0.01
     # Torch threads per worker (None: cpus_per_worker rounded down, at least 1).
     torch_threads: int | None = None

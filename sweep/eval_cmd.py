@@ -22,7 +22,7 @@ EXIT_INVALID_INPUT = 2
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``sweep eval`` (defaults: the contract's 2048 / 2048 protocol)."""
+    """Flags of ``sweep eval`` (defaults: the README's 2048 / 2048 perplexity protocol)."""
     parser.add_argument("--model", required=True, help="hub id, local directory or pkg:<package>")
     parser.add_argument("--gguf-file", default=None, help="a GGUF file inside --model")
     parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's own)")

@@ -1,6 +1,6 @@
 """FSDP2 on 2 gloo ranks against a single process: gradients, weights and masks.
 
-ray-notes.md: gloo's AVG reduction can give silently wrong gradients (torch #162338), so a
+docs/design.md: gloo's AVG reduction can give silently wrong gradients (torch #162338), so a
 sharded step must equal a single-process step on the same global batch.
 """
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import trainers.model as model_mod
+from trainers.hf import tied_keys, write_hf_dir
 from trainers.model import (
     MARKER_FILE,
     build_model,
@@ -17,7 +18,6 @@ from trainers.model import (
     load_tokenizer,
     materialize,
 )
-from trainers.hf import tied_keys, write_hf_dir
 from trainers.spec import ModelConfig, resolve_model_path
 
 TINY = {

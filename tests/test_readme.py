@@ -29,3 +29,11 @@ def test_every_config_key_is_in_the_readme():
 
 def test_the_two_commands_are_shown():
     assert "make demo" in README and "make test" in README
+
+
+def test_every_epochs_column_is_in_the_schema_table():
+    from trainers.metrics import EPOCH_COLUMNS
+
+    section = README[README.index("## Results: Parquet schema"):README.index("## Configuration reference")]
+    missing = [c.name for c in EPOCH_COLUMNS if c.name not in section]
+    assert not missing, missing

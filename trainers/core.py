@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers.utils import logging as hf_logging
 
 from eval.perplexity import evaluate
 from trainers.checkpoint import export_hf, load_training_state, save_training_state
@@ -51,8 +52,6 @@ class LoopState:
 
 def silence_transformers() -> None:
     """Workers print trial blocks, not transformers' progress bars and advice."""
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 

@@ -25,6 +25,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock
+from pyarrow import fs as pafs
+
 STAGING_ENV = "SWEEP_STAGING"
 # Written last into every pushed directory: a directory without it is an interrupted push.
 COMPLETE = ".sweep-complete"
@@ -75,8 +78,6 @@ class Remote:
 
     def _open(self):
         if self._fs is None:
-            from pyarrow import fs as pafs
-
             try:
                 self._fs, self._root = pafs.FileSystem.from_uri(self.uri)
             except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds
@@ -96,8 +97,6 @@ class Remote:
         return f"{self.base}/{rel}".rstrip("/") if rel else self.base
 
     def kind(self, rel: str):
-        from pyarrow import fs as pafs
-
         t = self.fs.get_file_info(self.path(rel)).type
         return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(t)
 
@@ -116,8 +115,6 @@ class Remote:
 
     def push(self, local: Path, rel: str) -> None:
         """Copy a file, or a directory's files, to ``rel`` (a directory is replaced)."""
-        from pyarrow import fs as pafs
-
         dest = self.path(rel)
         if local.is_dir():
             if self.kind(rel) == "dir":
@@ -134,8 +131,6 @@ class Remote:
     def pull(self, rel: str, local: Path) -> bool:
         """Copy ``rel`` (file or directory) to ``local``, through a temporary sibling renamed
         into place, so a reader never sees half a copy. False when the URI has no ``rel``."""
-        from pyarrow import fs as pafs
-
         kind = self.kind(rel)
         if kind is None:
             return False
@@ -226,8 +221,6 @@ class Store:
         path = Path(path)
         if path.exists() or not self.remote or self.rel(path) is None:
             return path
-        from filelock import FileLock
-
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path.parent / f".{path.name}.lock")):
             if not path.exists() and not self.pull(path):

@@ -12,6 +12,7 @@ import resource
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 
@@ -33,8 +34,6 @@ def memory_mb(device: torch.device) -> tuple[float, float, str]:
             torch.cuda.max_memory_allocated(device) / 2**20,
             "CUDA allocated",
         )
-    import psutil
-
     rss = psutil.Process(os.getpid()).memory_info().rss / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return rss, max(peak, rss), "process RSS"
