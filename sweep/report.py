@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from sweep.api import load
+from sweep.api import load, localize
 from sweep.query import format_table
 
 COLUMNS = [
@@ -153,7 +153,7 @@ def _duration(seconds: Any) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def _report_cells(r: dict[str, Any]) -> dict[str, str]:
+def report_cells(r: dict[str, Any]) -> dict[str, str]:
     """The formatted cells of one report row, keyed by column header."""
     done, total = r["epochs_completed"], r["num_epochs"]
     final = r["final_perplexity"]
@@ -193,7 +193,7 @@ def format_report(df: pd.DataFrame) -> str:
         "pattern": df["pattern"].isna().all(),
         "stop_reason": df["stop_reason"].isna().all(),
     }
-    rows = [_report_cells(r) for r in df.to_dict("records")]
+    rows = [report_cells(r) for r in df.to_dict("records")]
     columns = [c for c in rows[0] if not hide.get(c, False)]
     left = {"", "sweep", "trial_id", "method", "pattern", "status", "stop_reason"}
     table = format_table(
@@ -211,12 +211,22 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format", choices=("table", "csv", "json"), default="table", help="output format"
     )
+    parser.add_argument(
+        "--html",
+        metavar="FILE",
+        default=None,
+        help="also write a self-contained HTML page (table, interactive charts, config, "
+        "environment) that opens offline",
+    )
 
 
 def run_report_cli(args: argparse.Namespace) -> int:
-    """Print the report; 2 with the message on stderr when there are no results."""
+    """Print the report (and with ``--html`` write the page, saying so: on stdout after a
+    table, on stderr after csv/json so stdout stays parseable); 2 with the message on stderr
+    when there are no results."""
     try:
-        df = build_report(args.sweep_dir)
+        path = localize(args.sweep_dir)  # an object-store URI: downloaded once for both
+        df = build_report(path)
     except FileNotFoundError as e:
         print(f"sweep report: {e}", file=sys.stderr)
         return 2
@@ -226,4 +236,9 @@ def run_report_cli(args: argparse.Namespace) -> int:
         print(df.to_json(orient="records", indent=1))
     else:
         print(format_report(df))
+    if getattr(args, "html", None):
+        from sweep.html_report import write_html_report
+
+        written = write_html_report(path, args.html, report=df)
+        print(f"wrote {written}", file=sys.stdout if args.format == "table" else sys.stderr)
     return 0
