@@ -31,13 +31,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     from sweep.config import load_config
     from trainers.model import build_model, byte_tokenizer
     from trainers.parallel import mask_gradients, shard_masks, shard_model
-    from trainers.prune import apply_masks, compute_masks, decoder_blocks
+    from trainers.prune import apply_masks, decoder_blocks, magnitude_masks
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = load_config(TINY)
     model = build_model(cfg.model, vocab_size=len(byte_tokenizer()))
-    masks = compute_masks(model, "magnitude", 0.5)
+    masks = magnitude_masks(model, 0.5)
     apply_masks(model, masks)
     _, blocks = decoder_blocks(model)
     shard_model(model, blocks, mixed_precision=False)

@@ -72,7 +72,7 @@ def run(args) -> dict:
     from eval.perplexity import evaluate, make_windows
     from trainers.data import micro_batches
     from trainers.parallel import measured_sparsity, shard_masks, shard_model
-    from trainers.prune import apply_masks, compute_masks, decoder_blocks
+    from trainers.prune import apply_masks, decoder_blocks, magnitude_masks
     from trainers.step import train_step
 
     device = torch.device(args.device)
@@ -85,7 +85,7 @@ def run(args) -> dict:
         model = build(args.shape)
         cfg = model.config
         n_params = sum(p.numel() for p in model.parameters())
-        masks = compute_masks(model, "magnitude", args.sparsity)
+        masks = magnitude_masks(model, args.sparsity)
         apply_masks(model, masks)
         names = sorted(masks)
         model.to(device)

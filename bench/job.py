@@ -246,8 +246,11 @@ def _trial_spec(sweep_dir: Path, trial_id: str, config: dict | None = None):
 
     def prepared(tid: str) -> Prepared:
         p = plans[0]
+        mask = layout.mask(p.method, p.pattern, p.sparsity, p.layerwise)
+        weights = layout.pruned_weights(mask)
         return Prepared(str(model_dir), str(layout.train_tokens), str(layout.eval_windows),
-                        str(layout.mask(p.method, p.pattern, p.sparsity)), None)
+                        str(mask), None, str(weights) if weights.exists() else None,
+                        str(layout.recipe(mask)))
 
     spec = build_specs(cfg, plans, layout, prepared)[trial_id]
     return replace(spec, log_path=None, progress_path=None, export_dir=None, progress_bar=False)

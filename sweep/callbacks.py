@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import time
 from pathlib import Path
 
 import ray
@@ -15,6 +16,7 @@ from ray.util.placement_group import PlacementGroup, placement_group_table
 from sweep.config import SweepConfig
 from sweep.layout import SweepLayout
 from sweep.results import END_STATUSES, ResultsWriter, improvement_pct
+from trainers.fence import Fenced, superseded
 from trainers.metrics import columns_from
 from trainers.spec import TrialPlan
 from trainers.storage import Store
@@ -32,11 +34,20 @@ def _now():
 class ResultsCallback(tune.Callback):
     """Turns Tune events into Parquet rows keyed by (trial_id, epoch) and trial_id.
 
-    Pickled into tuner.pkl with the run config, so the writer is rebuilt lazily."""
+    Pickled into tuner.pkl with the run config, so the writer is rebuilt lazily.
+
+    ``attempt`` (set by ``sweep.tuner`` for each driver start) fences it: reports of another
+    attempt's workers are ignored, and once a newer attempt runs the sweep it writes nothing
+    and stops the Tune run (``Fenced`` from ``on_step_begin``)."""
+
+    attempt = 0  # the driver attempt (trainers/fence.py); 0: not fenced
+    FENCE_CHECK_S = 5.0  # how often a running sweep looks for a newer attempt between writes
 
     def __init__(self, sweep_dir: str, sweep: str, model: str, dense: float | None,
-                 plans: list[TrialPlan], scheduler_name: str = "trial", store: Store | None = None):
+                 plans: list[TrialPlan], scheduler_name: str = "trial", store: Store | None = None,
+                 calibration: dict[str, str | None] | None = None):
         self.sweep_dir, self.sweep, self.model, self.dense = sweep_dir, sweep, model, dense
+        self.calibration = calibration or {}  # trial id -> its calibration (JSON), if it used one
         self.store = store or Store(Path(sweep_dir).parent)
         self.scheduler_name = scheduler_name
         self.plans = {p.trial_id: p for p in plans}
@@ -45,16 +56,35 @@ class ResultsCallback(tune.Callback):
     def __getstate__(self):
         return {**self.__dict__, "_writer": None}
 
-    def relocate(self, sweep_dir: str, store: Store) -> None:
+    def relocate(self, sweep_dir: str, store: Store, attempt: int | None = None) -> None:
         """Write to this run's SWEEP_DIR: the pickled one may be another machine's (a sweep
-        resumed from an object store, or a moved directory)."""
+        resumed from an object store, or a moved directory); ``attempt``: this driver's."""
         self.sweep_dir, self.store, self._writer = sweep_dir, store, None
+        if attempt is not None:
+            self.attempt = attempt
+
+    def superseded(self) -> str | None:
+        """Why this driver must stop writing (a newer attempt runs the sweep), or None."""
+        return superseded(self.attempt, SweepLayout.of(self.sweep_dir).attempts, self.store)
 
     @property
     def writer(self) -> ResultsWriter:
         if self._writer is None:
-            self._writer = ResultsWriter(self.sweep_dir, on_write=self.store.push)
+            self._writer = ResultsWriter(
+                self.sweep_dir, on_write=self.store.push, attempt=self.attempt or None,
+                fenced=self.superseded if self.attempt else None,
+            )
         return self._writer
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if not self.attempt:
+            return
+        now = time.monotonic()
+        if now - getattr(self, "_fence_checked", 0.0) < self.FENCE_CHECK_S:
+            return
+        self._fence_checked = now
+        if self.writer.stopped():
+            raise Fenced(self.writer.fenced_reason)
 
     def setup(self, **info) -> None:
         for tid, p in self.plans.items():
@@ -64,7 +94,9 @@ class ResultsCallback(tune.Callback):
     def _trial_base(self, p: TrialPlan, **extra) -> dict:
         return {
             "sweep": self.sweep, "trial_id": p.trial_id, "model": self.model,
-            "method": p.method, "pattern": p.pattern, "sparsity": p.sparsity,
+            "method": p.method, "pattern": p.pattern, "layerwise": p.layerwise,
+            "distill": p.distill, "calibration": self.calibration.get(p.trial_id),
+            "sparsity": p.sparsity,
             "batch_size": p.batch_size, "lr": p.lr, "steps_per_epoch": p.steps_per_epoch,
             "num_epochs": p.num_epochs, "workers": p.workers, "epochs_completed": 0,
             "dense_perplexity": self.dense, **extra,
@@ -88,6 +120,8 @@ class ResultsCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if result.get("kind") != "eval":
             return
+        if self.attempt and result.get("driver_attempt") not in (None, self.attempt):
+            return  # an orphaned worker of another driver attempt (trainers/fence.py)
         tid = trial_key(trial)
         row = self.epoch_row(self.plans[tid], result)
         baseline = result.get("baseline_perplexity")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from sweep.config import ConfigError
 from trainers.storage import StorageError
@@ -22,23 +24,35 @@ def _add_run(sub) -> None:
     p.add_argument("--gguf-file", help="shortcut: model.gguf_file (with --model)")
     p.add_argument("--sparsity", type=float, nargs="+", help="shortcut: replace grid.sparsity")
     p.add_argument("--batch-size", type=int, nargs="+", help="shortcut: replace grid.batch_size")
+    _add_debug(p)
 
 
 def _add_resume(sub) -> None:
     p = sub.add_parser("resume", help="continue an interrupted sweep from SWEEP_DIR")
     p.add_argument("sweep_dir", help="SWEEP_DIR, or the sweep's URI when --storage was one")
     p.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else embedded)")
+    _add_debug(p)
+
+
+DEBUG_ENV = "SWEEP_DEBUG"
+
+
+def _add_debug(p, default=argparse.SUPPRESS) -> None:
+    p.add_argument("--debug", action="store_true", default=default,
+                   help=f"also print the traceback of an input error (or ${DEBUG_ENV}=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sweep", description="Ray-distributed pruning-recovery sweeps on causal language models"
     )
+    _add_debug(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_resume(sub)
     from sweep.eval_cmd import add_eval_arguments
     from sweep.plot import add_plot_arguments
+    from sweep.prune_cmd import add_prune_arguments
     from sweep.query import add_query_arguments
     from sweep.report import add_report_arguments
 
@@ -46,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_arguments(sub.add_parser("report", help="per-trial summary table"))
     add_plot_arguments(sub.add_parser("plot", help="perplexity against sparsity, and over epochs"))
     add_eval_arguments(sub.add_parser("eval", help="perplexity of one model (JSON on the last line)"))
+    add_prune_arguments(sub.add_parser("prune", help="prune one model once, no sweep (JSON on the last line)"))
     return parser
 
 
@@ -90,14 +105,26 @@ def main(argv: list[str] | None = None) -> int:
             from sweep.eval_cmd import run_eval
 
             return run_eval(args)
+        if args.command == "prune":
+            from sweep.prune_cmd import run_prune
+
+            return run_prune(args)
     except ConfigError as e:
+        _debug(args)
         print(f"sweep: {e}", file=sys.stderr)
         return 2
     except StorageError as e:
+        _debug(args)
         print(f"sweep: invalid input: {e}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _debug(args) -> None:
+    """Input errors are one message; with --debug (or $SWEEP_DEBUG) their traceback too."""
+    if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        traceback.print_exc()
 
 
 if __name__ == "__main__":

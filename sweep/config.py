@@ -21,9 +21,13 @@ import yaml
 
 from eval.text import TextSource
 from trainers.spec import (
+    CalibrationConfig,
     CheckpointConfig,
+    DistillConfig,
     EarlyStopConfig,
     ModelConfig,
+    OWLConfig,
+    SparseGPTConfig,
     TrainConfig,
     is_local_path,
     parse_pattern,
@@ -50,12 +54,19 @@ def yaml_load(text: str) -> Any:
 class ConfigError(ValueError):
     """Invalid input; ``problems`` lists every problem found, each naming its key."""
 
-    def __init__(self, problems: list[str], source: str | None = None):
+    def __init__(self, problems: list[str], source: str | None = None,
+                 title: str = "invalid configuration"):
         self.problems = list(problems)
         self.source = source
+        self.title = title
         where = f" in {source}" if source else ""
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid configuration{where}:\n{lines}")
+        super().__init__(f"{title}{where}:\n{lines}")
+
+    def __reduce__(self):
+        # Crosses Ray intact (a preparation task's input error): rebuilt from its problems, not
+        # from the joined message.
+        return (ConfigError, (self.problems, self.source, self.title))
 
 
 @dataclass(frozen=True)
@@ -85,12 +96,18 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    # Pruning criterion: per-layer weight magnitude, or Wanda (|W| x input activation norm).
-    method: Literal["magnitude", "wanda"] = "magnitude"
+    # Pruning criterion: per-layer weight magnitude, Wanda (|W| x input activation norm), or
+    # SparseGPT (masks chosen with the inputs' Hessian, the kept weights updated to compensate).
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
     # Semi-structured N:M pattern such as "2:4" (None: unstructured).
     pattern: str | None = None
-    # Wanda: calibration sequences (of data.seq_len tokens) drawn from the training text.
-    calibration_samples: int = 128
+    # How the target sparsity is spread over decoder blocks: the same everywhere, or OWL
+    # (blocks with more activation outliers pruned less; the mean stays the target).
+    layerwise: Literal["uniform", "owl"] = "uniform"
+    # Calibration data of the activation-aware methods (wanda, sparsegpt, owl).
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    sparsegpt: SparseGPTConfig = field(default_factory=SparseGPTConfig)
+    owl: OWLConfig = field(default_factory=OWLConfig)
 
 
 @dataclass(frozen=True)
@@ -104,6 +121,11 @@ class GridConfig:
     # Optional axis of N:M patterns, "none" for unstructured (default: prune.pattern alone). A
     # pattern fixes its trials' sparsity at 1 - N/M.
     pattern: tuple[str, ...] | None = None
+    # Optional axis of layer-wise rules, "uniform" and/or "owl" (default: prune.layerwise alone).
+    layerwise: tuple[str, ...] | None = None
+    # Optional axis of recovery objectives, "none", "logits", "squarehead" (default:
+    # train.distill.kind alone); the objectives' weights come from train.distill.
+    distill: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +144,13 @@ class ResourcesConfig:
     torch_threads: int | None = None
     # Custom Ray resources each worker needs, e.g. {"a100": 1} to pin trials to such nodes.
     custom_per_worker: dict | None = None
+    # On an existing cluster (--address), how long to wait for one trial's resources before the
+    # sweep ends with a message instead of waiting forever; an autoscaler may need minutes to
+    # add a node. The embedded cluster is checked before it starts and never waits.
+    placement_timeout_s: float = 600.0
+    # Embedded cluster: the most CPUs one trial may ask for, as a multiple of this machine's
+    # cores (workers x cpus_per_worker, and workers x torch threads); more is refused.
+    oversubscription: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -367,6 +396,51 @@ def _check_model(m: ModelConfig, check_paths: bool) -> list[str]:
     return problems
 
 
+# The values each optional grid axis may take (the config's Literal choices of the same key).
+GRID_CHOICES = {
+    "method": typing.get_args(typing.get_type_hints(PruneConfig)["method"]),
+    "layerwise": typing.get_args(typing.get_type_hints(PruneConfig)["layerwise"]),
+    "distill": typing.get_args(typing.get_type_hints(DistillConfig)["kind"]),
+}
+
+
+def _check_prune(cfg: SweepConfig, check_paths: bool) -> list[str]:
+    p: list[str] = []
+    pr, cal = cfg.prune, cfg.prune.calibration
+    if cal.text is not None:
+        p += _check_text_source(cal.text, "prune.calibration.text", check_paths)
+    if cal.samples < 1:
+        p.append(f"prune.calibration.samples: must be >= 1, got {cal.samples}")
+    if cal.seq_len is not None and cal.seq_len < 2:
+        p.append(f"prune.calibration.seq_len: must be >= 2 or null, got {cal.seq_len}")
+    if not 0 <= pr.sparsegpt.percdamp < 1:
+        p.append(f"prune.sparsegpt.percdamp: must be in [0, 1), got {pr.sparsegpt.percdamp}")
+    if pr.sparsegpt.blocksize < 1:
+        p.append(f"prune.sparsegpt.blocksize: must be >= 1, got {pr.sparsegpt.blocksize}")
+    if not pr.owl.m > 0:
+        p.append(f"prune.owl.m: must be > 0, got {pr.owl.m}")
+    if not 0 <= pr.owl.lam < 0.5:
+        p.append(f"prune.owl.lam: must be in [0, 0.5), got {pr.owl.lam}")
+    rules = set(cfg.grid.layerwise or (pr.layerwise,))
+    patterns = [x for x in (cfg.grid.pattern or (pr.pattern,)) if x not in (None, "none")]
+    if "owl" in rules and patterns:
+        p.append("prune.layerwise: owl spreads an unstructured sparsity over blocks; an N:M "
+                 f"pattern ({', '.join(patterns)}) fixes every layer's sparsity (drop one of them)")
+    if "owl" in rules:
+        for i, s in enumerate(cfg.grid.sparsity):
+            if not pr.owl.lam <= s <= 1 - pr.owl.lam:
+                p.append(f"grid.sparsity[{i}]: {s} +/- prune.owl.lam {pr.owl.lam} leaves [0, 1] "
+                         "(OWL's per-block sparsities would not be valid)")
+    d = cfg.train.distill
+    if not 0 <= d.alpha <= 1:
+        p.append(f"train.distill.alpha: must be in [0, 1], got {d.alpha}")
+    if not d.temperature > 0:
+        p.append(f"train.distill.temperature: must be > 0, got {d.temperature}")
+    if d.ce_weight < 0:
+        p.append(f"train.distill.ce_weight: must be >= 0, got {d.ce_weight}")
+    return p
+
+
 def validate(cfg: SweepConfig, check_paths: bool = True) -> list[str]:
     """Every range and combination problem, each naming its key."""
     p: list[str] = []
@@ -391,8 +465,7 @@ def validate(cfg: SweepConfig, check_paths: bool = True) -> list[str]:
         p.append(f"eval.max_windows: must be >= 1, got {e.max_windows}")
     if e.batch_size < 1:
         p.append(f"eval.batch_size: must be >= 1, got {e.batch_size}")
-    if cfg.prune.calibration_samples < 1:
-        p.append(f"prune.calibration_samples: must be >= 1, got {cfg.prune.calibration_samples}")
+    p += _check_prune(cfg, check_paths)
     for key, pat in [("prune.pattern", cfg.prune.pattern)] + [
         (f"grid.pattern[{i}]", x) for i, x in enumerate(cfg.grid.pattern or ())
     ]:
@@ -400,10 +473,12 @@ def validate(cfg: SweepConfig, check_paths: bool = True) -> list[str]:
             parse_pattern(pat)
         except ValueError as err:
             p.append(f"{key}: {err}")
-    for i, m in enumerate(cfg.grid.method or ()):
-        if m not in ("magnitude", "wanda"):
-            p.append(f"grid.method[{i}]: {m!r} is not one of 'magnitude' | 'wanda'")
-    for axis in ("method", "pattern"):
+    for axis, allowed in GRID_CHOICES.items():
+        values = getattr(cfg.grid, axis) or ()
+        for i, v in enumerate(values):
+            if v not in allowed:
+                p.append(f"grid.{axis}[{i}]: {v!r} is not one of {' | '.join(map(repr, allowed))}")
+    for axis in ("method", "pattern", "layerwise", "distill"):
         values = getattr(cfg.grid, axis) or ()
         if len(set(values)) != len(values):
             p.append(f"grid.{axis}: values repeat")
@@ -438,6 +513,10 @@ def validate(cfg: SweepConfig, check_paths: bool = True) -> list[str]:
             p.append(f"resources.custom_per_worker.{name}: must be a number > 0, got {amount!r}")
     if r.torch_threads is not None and r.torch_threads < 1:
         p.append(f"resources.torch_threads: must be >= 1, got {r.torch_threads}")
+    if not r.placement_timeout_s > 0:
+        p.append(f"resources.placement_timeout_s: must be > 0, got {r.placement_timeout_s}")
+    if not r.oversubscription >= 1:
+        p.append(f"resources.oversubscription: must be >= 1, got {r.oversubscription}")
     g = cfg.grid
     if not g.sparsity:
         p.append("grid.sparsity: the grid is empty (give at least one sparsity)")

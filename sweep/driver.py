@@ -37,6 +37,7 @@ class DriverContext:
     resources: ResourcesConfig
     failure: FailureConfig
     keep_last: int  # checkpoints kept per trial
+    attempt: int = 0  # this driver start's attempt number (sweep/lease.py), fencing old writers
 
 
 def trial_driver(config: dict, ctx: DriverContext) -> None:

@@ -108,38 +108,51 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """Run ``sweep eval``; the result is the last line of stdout, one JSON object."""
+class CommandFailed(Exception):
+    """A command ends with ``code`` after printing ``message`` on stderr (no traceback)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def load_inputs(args: argparse.Namespace, prog: str, extra_problems: list[str] = ()):
+    """Check the flags, then load the tokenizer, the text's windows and the model: what
+    ``sweep eval`` and ``sweep prune`` share. Returns (model, tokenizer, tokens, input_ids,
+    labels, load seconds); raises CommandFailed (exit 2 for the user's input)."""
     from trainers.model import load_model, load_tokenizer  # transformers import is slow
 
     if args.stride is None:
         args.stride = args.token_length
-    problems = _input_problems(args)
+    problems = _input_problems(args) + list(extra_problems)
     if problems:
-        print(
-            "sweep eval: invalid input:\n" + "\n".join(f"  - {p}" for p in problems),
-            file=sys.stderr,
-        )
-        return EXIT_INVALID_INPUT
+        raise CommandFailed(EXIT_INVALID_INPUT,
+                            f"{prog}: invalid input:\n" + "\n".join(f"  - {p}" for p in problems))
     torch.set_num_threads(args.threads or _default_threads())
     mc = ModelConfig(name_or_path=args.model, gguf_file=args.gguf_file, tokenizer=args.tokenizer)
     t0 = time.perf_counter()
     try:
-        text = load_text(_text_source(args))
-        tokens = tokenize_text(load_tokenizer(mc), text)
+        tokenizer = load_tokenizer(mc)
+        tokens = tokenize_text(tokenizer, load_text(_text_source(args)))
         input_ids, labels = make_windows(tokens, args.token_length, args.stride, args.max_windows)
     except (FileNotFoundError, ValueError) as e:
-        print(f"sweep eval: invalid input: {e}", file=sys.stderr)
-        return EXIT_INVALID_INPUT
+        raise CommandFailed(EXIT_INVALID_INPUT, f"{prog}: invalid input: {e}") from e
     except OSError as e:  # an unreadable tokenizer: the message names the path
-        print(f"sweep eval: {e}", file=sys.stderr)
-        return 1
+        raise CommandFailed(1, f"{prog}: {e}") from e
     try:
         model = load_model(mc)
     except OSError as e:
-        print(f"sweep eval: {e}", file=sys.stderr)
-        return 1
-    load_s = time.perf_counter() - t0
+        raise CommandFailed(1, f"{prog}: {e}") from e
+    return model, tokenizer, tokens, input_ids, labels, time.perf_counter() - t0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run ``sweep eval``; the result is the last line of stdout, one JSON object."""
+    try:
+        model, _, tokens, input_ids, labels, load_s = load_inputs(args, "sweep eval")
+    except CommandFailed as e:
+        print(e.message, file=sys.stderr)
+        return e.code
     t1 = time.perf_counter()
     result = evaluate(model, input_ids, labels, args.batch_size, progress=not args.no_progress)
     seconds = time.perf_counter() - t1

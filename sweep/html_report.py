@@ -32,12 +32,11 @@ from plotly.colors import qualitative
 
 from sweep.api import find_sweeps, localize, read_epochs, read_trials
 from sweep.layout import SweepLayout
-from sweep.report import LEGEND, build_report, report_cells
+from sweep.report import LEFT, LEGEND, build_report, hidden_columns, report_cells
 
 RUNNING = ("pending", "running")
 PALETTE = qualitative.Plotly + qualitative.D3 + qualitative.Dark24
 PACKAGES = ("torch", "ray", "transformers", "pandas", "pyarrow", "plotly")
-LEFT = {"", "sweep", "trial_id", "method", "pattern", "status", "stop_reason"}
 CHART_HEIGHT = "460px"
 
 
@@ -409,11 +408,7 @@ def table_html(report: pd.DataFrame) -> str:
     or hidden, the best row per sparsity marked (``*`` and class ``best``)."""
     if report.empty:
         return '<p class="note">no trials yet</p>'
-    hide = {
-        "sweep": report["sweep"].nunique() <= 1,
-        "pattern": report["pattern"].isna().all(),
-        "stop_reason": report["stop_reason"].isna().all(),
-    }
+    hide = hidden_columns(report)
     records = report.to_dict("records")
     rows = [report_cells(r) for r in records]
     cols = [c for c in rows[0] if not hide.get(c, False)]

@@ -8,6 +8,9 @@
       results/                epochs.parquet, trials.parquet
       logs/                   sweep.log, <trial>.log, <trial>.progress.json
       export/<trial>/         the best model so far, a Hugging Face directory
+      driver.lease            the running driver's lease (sweep/lease.py)
+      driver.attempts/        one claim per driver start: the attempt numbers that fence
+                              an older driver's workers (trainers/fence.py)
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainers.fence import ATTEMPTS_DIR
 from trainers.spec import pattern_label
 
 
@@ -50,10 +54,22 @@ class SweepLayout:
     def masks_dir(self) -> Path:
         return self.prep / "masks"
 
-    def mask(self, method: str, pattern: str | None, sparsity: float) -> Path:
-        """Masks are shared by every batch size of one (method, pattern, sparsity)."""
-        label = pattern_label(pattern)
-        return self.masks_dir / f"{method}{f'-{label}' if label else ''}-s{sparsity:g}.safetensors"
+    def mask(self, method: str, pattern: str | None, sparsity: float,
+             layerwise: str = "uniform") -> Path:
+        """Masks are shared by every batch size and objective of one (method, pattern,
+        sparsity, layer-wise rule). Beside them: ``.weights.safetensors`` (the pruned layers'
+        weights, for methods that change them) and ``.json`` (how they were made)."""
+        parts = [method, pattern_label(pattern), None if layerwise == "uniform" else layerwise,
+                 f"s{sparsity:g}"]
+        return self.masks_dir / ("-".join(p for p in parts if p) + ".safetensors")
+
+    @staticmethod
+    def pruned_weights(mask: Path) -> Path:
+        return mask.with_name(mask.name.replace(".safetensors", ".weights.safetensors"))
+
+    @staticmethod
+    def recipe(mask: Path) -> Path:
+        return mask.with_suffix(".json")
 
     @property
     def tune(self) -> Path:
@@ -86,7 +102,19 @@ class SweepLayout:
         return self.logs / f"{trial_id}.progress.json"
 
     def export(self, trial_id: str) -> Path:
-        return self.root / "export" / trial_id
+        return self.exports / trial_id
+
+    @property
+    def exports(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def lease(self) -> Path:
+        return self.root / "driver.lease"
+
+    @property
+    def attempts(self) -> Path:
+        return self.root / ATTEMPTS_DIR
 
     @staticmethod
     def of(sweep_dir: str | Path) -> SweepLayout:

@@ -44,39 +44,58 @@ def grad_accum_steps(batch_size: int, workers: int, micro_batch_size: int | None
     return math.ceil(per_worker / micro_batch_size)
 
 
-def trial_id(sparsity: float, batch_size: int, method: str | None = None, pattern: str | None = None) -> str:
+# How a recovery objective appears in trial ids ("none" is plain next-token cross-entropy).
+DISTILL_LABELS = {"none": "ce", "logits": "logits", "squarehead": "squarehead"}
+
+
+def trial_id(sparsity: float, batch_size: int, method: str | None = None,
+             pattern: str | None = None, layerwise: str | None = None,
+             distill: str | None = None) -> str:
     """A stable, readable trial name: the same grid point always gets the same id, so resume,
-    re-runs and result rows line up. ``s0.5-b4`` or ``wanda-2of4-s0.5-b4``."""
+    re-runs and result rows line up. ``s0.5-b4``, ``wanda-2of4-s0.5-b4`` or
+    ``sparsegpt-owl-s0.7-b4-squarehead``; a part is named only when the sweep varies it or
+    sets it away from its default, so existing sweeps keep their ids."""
     parts = []
     if method is not None:
         parts.append(method)
     if pattern_label(pattern):
         parts.append(pattern_label(pattern))
+    if layerwise is not None:
+        parts.append(layerwise)
     parts.append(f"s{sparsity:.12g}")
     parts.append(f"b{batch_size}")
+    if distill is not None:
+        parts.append(DISTILL_LABELS[distill])
     return "-".join(parts)
 
 
 def expand(cfg: SweepConfig) -> list[TrialPlan]:
-    """The grid, in a stable order: method x pattern x sparsity x batch size.
+    """The grid, in a stable order: method x pattern x layer-wise rule x objective x sparsity x
+    batch size.
 
     An N:M pattern fixes the sparsity at 1 - N/M: for pattern trials the sparsity axis
     collapses to that value (one trial per method, pattern and batch size)."""
-    methods = cfg.grid.method or (cfg.prune.method,)
-    patterns = cfg.grid.pattern or (cfg.prune.pattern,)
-    name_method = cfg.grid.method is not None
-    name_pattern = cfg.grid.pattern is not None or cfg.prune.pattern is not None
+    g, pr = cfg.grid, cfg.prune
+    methods = g.method or (pr.method,)
+    patterns = g.pattern or (pr.pattern,)
+    rules = g.layerwise or (pr.layerwise,)
+    objectives = g.distill or (cfg.train.distill.kind,)
+    name_method = g.method is not None
+    name_pattern = g.pattern is not None or pr.pattern is not None
+    name_rule = g.layerwise is not None or pr.layerwise != "uniform"
+    name_objective = g.distill is not None or cfg.train.distill.kind != "none"
     plans: list[TrialPlan] = []
     seen: set[str] = set()
-    for method, pattern, sparsity, batch in itertools.product(
-        methods, patterns, cfg.grid.sparsity, cfg.grid.batch_size
+    for method, pattern, rule, objective, sparsity, batch in itertools.product(
+        methods, patterns, rules, objectives, g.sparsity, g.batch_size
     ):
         nm = parse_pattern(pattern)
         pattern = f"{nm[0]}:{nm[1]}" if nm else None
         if nm is not None:
             sparsity = 1.0 - nm[0] / nm[1]
         tid = trial_id(sparsity, batch, method if name_method else None,
-                       pattern if name_pattern else None)
+                       pattern if name_pattern else None, rule if name_rule else None,
+                       objective if name_objective else None)
         if tid in seen:
             continue
         seen.add(tid)
@@ -92,6 +111,8 @@ def expand(cfg: SweepConfig) -> list[TrialPlan]:
                 num_epochs=cfg.train.num_epochs,
                 workers=cfg.resources.workers,
                 grad_accum=grad_accum_steps(batch, cfg.resources.workers, cfg.train.micro_batch_size),
+                layerwise=rule,
+                distill=objective,
             )
         )
     return plans
@@ -112,11 +133,26 @@ def format_plan(plans: list[TrialPlan]) -> str:
 def grid_fingerprint(cfg: SweepConfig) -> str:
     """What must not change between a sweep and its resume: everything that changes which
     trials exist or what a trial computes. Names, resources and logging may change."""
-    d = to_dict(cfg)
+    d = _non_default(to_dict(cfg), to_dict(SweepConfig()))
     for volatile in ("name", "resources", "loggers", "failure"):
         d.pop(volatile, None)
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _non_default(values: dict, defaults: dict) -> dict:
+    """The keys whose values differ from the defaults: a key added in a later version, at its
+    default, leaves the fingerprint of an existing sweep unchanged."""
+    out = {}
+    for key, value in values.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if isinstance(value, dict) and isinstance(default, dict):
+            nested = _non_default(value, default)
+            if nested:
+                out[key] = nested
+        elif value != default:
+            out[key] = value
+    return out
 
 
 def build_specs(cfg: SweepConfig, plans: list[TrialPlan], layout: SweepLayout,

@@ -20,11 +20,13 @@ from eval.perplexity import evaluate, make_windows, tokenize_text
 from eval.text import load_text
 from sweep.config import SweepConfig, to_dict
 from sweep.layout import SweepLayout
+from sweep.preflight import input_error
 from trainers.data import pack_blocks
 from trainers.files import atomic_write, write_json
 from trainers.model import cache_target, load_model, load_tokenizer, materialize
-from trainers.prune import apply_masks, compute_masks, save_masks
-from trainers.spec import ModelConfig, Prepared, TrialPlan, parse_pattern
+from trainers.prune import prunable_linears, save_masks
+from trainers.pruning import Recipe, calibration_ids, prune_model
+from trainers.spec import ModelConfig, Prepared, TrialPlan
 from trainers.storage import Store
 
 
@@ -41,7 +43,7 @@ class Preparation:
     train_tokens: str
     eval_windows: str
     dense: dict  # the dense model's evaluation: perplexity, windows, tokens, seconds, model
-    masks: dict[str, str]  # trial id -> its mask file
+    pruned: dict[str, tuple[str, str | None, str]]  # trial id -> (masks, weights, recipe) files
     timings: dict[str, float]
 
     @property
@@ -50,15 +52,57 @@ class Preparation:
         return value if math.isfinite(value) else None
 
     def prepared(self, trial_id: str) -> Prepared:
-        return Prepared(self.model_dir, self.train_tokens, self.eval_windows,
-                        self.masks[trial_id], self.dense_perplexity)
+        masks, weights, recipe = self.pruned[trial_id]
+        return Prepared(self.model_dir, self.train_tokens, self.eval_windows, masks,
+                        self.dense_perplexity, weights, recipe)
 
 
-def calibration_ids(blocks: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """``n`` training blocks drawn without replacement by a seeded permutation."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(blocks.shape[0], generator=g)[: min(n, blocks.shape[0])]
-    return blocks[idx]
+def recipe_of(cfg: SweepConfig, plan: TrialPlan) -> Recipe:
+    pr = cfg.prune
+    return Recipe(plan.method, None if plan.pattern else plan.sparsity, plan.pattern,
+                  plan.layerwise, pr.sparsegpt, pr.owl)
+
+
+def calibration_settings(cfg: SweepConfig) -> dict:
+    """The calibration in effect (defaults resolved), as recorded with every recipe."""
+    cal = cfg.prune.calibration
+    return {"text": "data.train" if cal.text is None else to_dict(cal.text),
+            "samples": cal.samples, "seq_len": cal.seq_len or cfg.data.seq_len,
+            "seed": cfg.train.seed if cal.seed is None else cal.seed}
+
+
+def calibration(cfg: SweepConfig, layout: SweepLayout, tokenizer) -> torch.Tensor:
+    """The calibration sequences: by default drawn from the training text's tokens."""
+    settings = calibration_settings(cfg)
+    if cfg.prune.calibration.text is None:
+        tokens = load_file(str(layout.train_tokens))["tokens"]
+    else:
+        tokens = tokenize_text(tokenizer, load_text(cfg.prune.calibration.text))
+    return calibration_ids(tokens, settings["seq_len"], settings["samples"], settings["seed"])
+
+
+def _prune(cfg: SweepConfig, layout: SweepLayout, plan: TrialPlan, local_mc: ModelConfig,
+           tokenizer, device: torch.device, timings: dict) -> tuple[str, str | None, str]:
+    """The masks (and, for SparseGPT, the pruned weights) of ``plan``'s recipe, computed once
+    and shared by every trial with the same recipe."""
+    recipe = recipe_of(cfg, plan)
+    path = layout.mask(plan.method, plan.pattern, plan.sparsity, plan.layerwise)
+    weights = layout.pruned_weights(path) if recipe.changes_weights else None
+    record_path = layout.recipe(path)
+    if path.exists() and record_path.exists() and (weights is None or weights.exists()):
+        return str(path), weights and str(weights), str(record_path)
+    model = load_model(local_mc).to(device)  # fresh weights: the methods prune as they go
+    calib = calibration(cfg, layout, tokenizer) if recipe.needs_calibration else None
+    masks, record = prune_model(model, recipe, calib)
+    if calib is not None:
+        record["calibration"] = {**calibration_settings(cfg), "samples": int(calib.shape[0])}
+    if weights is not None:
+        _save_tensors({name: lin.weight.detach().cpu() for name, lin in prunable_linears(model).items()},
+                      weights)
+    save_masks(masks, path)
+    write_json(record_path, record)  # last: its presence means the recipe's files are complete
+    timings[f"mask_{path.stem}_s"] = record["seconds"]
+    return str(path), weights and str(weights), str(record_path)
 
 
 def prepare(cfg: SweepConfig, sweep_dir: str, cache_dir: str, plans: list[TrialPlan],
@@ -80,19 +124,24 @@ def prepare(cfg: SweepConfig, sweep_dir: str, cache_dir: str, plans: list[TrialP
         store.ensure(cache_target(cfg.model, Path(cache_dir)))  # built on another machine
     except FileNotFoundError:
         pass  # not in the store (or half uploaded): built here
-    model_dir = materialize(cfg.model, Path(cache_dir))
-    local_mc = ModelConfig(name_or_path=str(model_dir))
-    tokenizer = load_tokenizer(local_mc)
+    # Input problems the checks before Ray could not see end the sweep as invalid input (exit 2).
+    with input_error("model"):
+        model_dir = materialize(cfg.model, Path(cache_dir))
+        local_mc = ModelConfig(name_or_path=str(model_dir))
+        tokenizer = load_tokenizer(local_mc)
     timings["model_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if not layout.train_tokens.exists():
-        tokens = tokenize_text(tokenizer, load_text(cfg.data.train)).to(torch.int64)
-        pack_blocks(tokens, cfg.data.seq_len)  # fails early when the text is too short
+        with input_error("data.train"):
+            tokens = tokenize_text(tokenizer, load_text(cfg.data.train)).to(torch.int64)
+            pack_blocks(tokens, cfg.data.seq_len)  # fails early when the text is too short
         _save_tensors({"tokens": tokens}, layout.train_tokens)
     if not layout.eval_windows.exists():
-        tokens = tokenize_text(tokenizer, load_text(cfg.eval.text))
-        ids, labels = make_windows(tokens, cfg.eval.token_length, cfg.eval.stride, cfg.eval.max_windows)
+        with input_error("eval.text"):
+            tokens = tokenize_text(tokenizer, load_text(cfg.eval.text))
+            ids, labels = make_windows(tokens, cfg.eval.token_length, cfg.eval.stride,
+                                       cfg.eval.max_windows)
         _save_tensors({"input_ids": ids, "labels": labels}, layout.eval_windows)
     timings["tokenize_s"] = time.perf_counter() - t
 
@@ -106,30 +155,12 @@ def prepare(cfg: SweepConfig, sweep_dir: str, cache_dir: str, plans: list[TrialP
         dense = {**ev, "seconds": time.perf_counter() - t, "model": to_dict(cfg.model)}
         write_json(layout.dense, dense)
 
-    layout.masks_dir.mkdir(exist_ok=True)
-    mask_paths: dict[str, str] = {}
-    blocks = None
-    for p in plans:
-        path = layout.mask(p.method, p.pattern, p.sparsity)
-        mask_paths[p.trial_id] = str(path)
-        if path.exists():
-            continue
-        t = time.perf_counter()
-        model = load_model(local_mc).to(device)  # fresh weights: Wanda prunes as it goes
-        calib = None
-        if p.method == "wanda":
-            if blocks is None:
-                blocks = pack_blocks(load_file(str(layout.train_tokens))["tokens"], cfg.data.seq_len)
-            calib = calibration_ids(blocks, cfg.prune.calibration_samples, cfg.train.seed)
-        pattern = parse_pattern(p.pattern)
-        masks = compute_masks(model, p.method, None if pattern else p.sparsity, pattern, calib)
-        apply_masks(model, masks)
-        save_masks(masks, path)
-        timings[f"mask_{path.stem}_s"] = time.perf_counter() - t
+    pruned = {p.trial_id: _prune(cfg, layout, p, local_mc, tokenizer, device, timings)
+              for p in plans}
     t = time.perf_counter()
-    store.push_missing(model_dir, layout.train_tokens, layout.eval_windows, layout.dense,
-                       *sorted({Path(p) for p in mask_paths.values()}))
+    files = sorted({Path(f) for trio in pruned.values() for f in trio if f})
+    store.push_missing(model_dir, layout.train_tokens, layout.eval_windows, layout.dense, *files)
     if store.remote:
         timings["push_s"] = time.perf_counter() - t
     return Preparation(str(model_dir), str(layout.train_tokens), str(layout.eval_windows),
-                       dense, mask_paths, timings)
+                       dense, pruned, timings)

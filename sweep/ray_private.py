@@ -23,6 +23,9 @@ COORDINATOR = ("ray.data._internal.cluster_autoscaler.default_autoscaling_coordi
                "get_or_create_autoscaling_coordinator")
 # 3. A restored Tuner's run config, to re-point the results callback pickled in tuner.pkl.
 TUNER_RUN_CONFIG = "ray.tune.Tuner._local_tuner.get_run_config"
+# 4. The cluster's autoscaling config, to tell a cluster that can never hold a trial from one
+#    whose autoscaler may add the nodes it needs (Ray Data asks the same question this way).
+CLUSTER_CONFIG = "ray._private.state.GlobalState.get_cluster_config"
 
 
 def inline_controller_trainer() -> type:
@@ -67,6 +70,25 @@ def start_autoscaling_coordinator() -> bool:
     return True
 
 
+def cluster_autoscales() -> bool | None:
+    """Whether the connected cluster's autoscaler may add nodes: True when a node group can
+    grow (``max_count`` -1 or above ``min_count``), False when the reported config says none
+    can, None when no config is reported (clusters started by ``ray start`` or an older
+    autoscaler report none; a missing private API is logged and counts as unknown)."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception as e:  # noqa: BLE001 - unknown: the caller waits, bounded, instead
+        logger.warning("cannot read the cluster's autoscaling config (%s): %s", CLUSTER_CONFIG, e)
+        return None
+    groups = [g for g in (config.node_group_configs if config is not None else [])
+              if g.resources and g.max_count != 0]
+    if not groups:
+        return None
+    return any(g.max_count == -1 or g.max_count > g.min_count for g in groups)
+
+
 def tuner_run_callbacks(tuner: Any) -> list:
     """The callbacks of a Tuner's run config (a restored Tuner exposes them only privately)."""
     return list(tuner._local_tuner.get_run_config().callbacks or [])
@@ -107,4 +129,8 @@ def problems() -> list[str]:
         found.append(f"{TUNER_RUN_CONFIG}: Tuner no longer keeps _local_tuner")
     if not callable(getattr(TunerInternal, "get_run_config", None)):
         found.append(f"{TUNER_RUN_CONFIG}: TunerInternal.get_run_config is gone")
+    from ray._private.state import GlobalState
+
+    if not callable(getattr(GlobalState, "get_cluster_config", None)):
+        found.append(f"{CLUSTER_CONFIG}: gone; an infeasible trial waits placement_timeout_s")
     return found

@@ -20,19 +20,26 @@ from sweep.api import load, localize
 from sweep.query import format_table
 
 COLUMNS = [
-    "sweep", "trial_id", "model", "method", "pattern", "sparsity", "batch_size", "lr",
+    "sweep", "trial_id", "model", "method", "pattern", "layerwise", "distill", "sparsity",
+    "batch_size", "lr",
     "dense_perplexity", "baseline_perplexity", "final_perplexity", "best_perplexity",
     "best_epoch", "improvement_pct", "epochs_completed", "num_epochs", "status",
     "stop_reason", "wall_s", "mem_peak_mb", "best",
 ]  # fmt: skip
-IDENTITY = ("model", "method", "pattern", "sparsity", "batch_size", "lr", "num_epochs")
+IDENTITY = ("model", "method", "pattern", "layerwise", "distill", "sparsity", "batch_size", "lr",
+            "num_epochs")
 LEGEND = (
     "* lowest best perplexity at its sparsity. improv: final vs baseline (epoch 0: pruned, "
     "before training), positive is better.\n"
     "dense: the unpruned model. best @ep: lowest perplexity over trained epochs, and its epoch. "
     "Running trials show values so far."
 )
-TEXT = ("sweep", "trial_id", "model", "method", "pattern", "status", "stop_reason")
+TEXT = ("sweep", "trial_id", "model", "method", "pattern", "layerwise", "distill", "status",
+        "stop_reason")
+# Text columns, aligned left.
+LEFT = {"", "sweep", "trial_id", "method", "pattern", "layerwise", "distill", "status", "stop_reason"}
+# Shown only when some trial differs from the default (older sweeps have no value).
+DEFAULTS = {"layerwise": "uniform", "distill": "none"}
 
 
 def _num(v: Any) -> float | None:
@@ -166,6 +173,8 @@ def report_cells(r: dict[str, Any]) -> dict[str, str]:
         "trial_id": _text(r["trial_id"]),
         "method": _text(r["method"]),
         "pattern": _text(r["pattern"]),
+        "layerwise": _text(r.get("layerwise")),
+        "distill": _text(r.get("distill")),
         "sparsity": _f(r["sparsity"], "g"),
         "batch": _text(r["batch_size"]),
         "lr": _f(r["lr"], ".3g"),
@@ -183,24 +192,30 @@ def report_cells(r: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def hidden_columns(df: pd.DataFrame) -> dict[str, bool]:
+    """Columns that say nothing for these trials: one sweep, no pattern, no stop reason, every
+    trial at the default layer-wise rule and objective."""
+    return {
+        "sweep": df["sweep"].nunique() <= 1,
+        "pattern": df["pattern"].isna().all(),
+        "stop_reason": df["stop_reason"].isna().all(),
+        **{c: c not in df or df[c].fillna(d).eq(d).all() for c, d in DEFAULTS.items()},
+    }
+
+
 def format_report(df: pd.DataFrame) -> str:
     """The report as an aligned text table with a legend line; the sweep, pattern and
     stop_reason columns only when they say something."""
     if df.empty:
         return "no trials yet\n" + LEGEND
-    hide = {
-        "sweep": df["sweep"].nunique() <= 1,
-        "pattern": df["pattern"].isna().all(),
-        "stop_reason": df["stop_reason"].isna().all(),
-    }
+    hide = hidden_columns(df)
     rows = [report_cells(r) for r in df.to_dict("records")]
     columns = [c for c in rows[0] if not hide.get(c, False)]
-    left = {"", "sweep", "trial_id", "method", "pattern", "status", "stop_reason"}
     table = format_table(
         columns,
         [[r[c] for c in columns] for r in rows],
         footer=False,
-        right=[c not in left for c in columns],
+        right=[c not in LEFT for c in columns],
     )
     return table + "\n" + LEGEND
 

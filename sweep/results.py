@@ -39,6 +39,9 @@ TRIALS_SCHEMA = pa.schema(
         ("model", pa.string()),
         ("method", pa.string()),
         ("pattern", pa.string()),
+        ("layerwise", pa.string()),  # uniform, owl
+        ("distill", pa.string()),  # the recovery objective: none (CE), logits, squarehead
+        ("calibration", pa.string()),  # JSON: text, samples, seq_len, seed (null: none used)
         ("sparsity", pa.float64()),
         ("batch_size", pa.int64()),
         ("lr", pa.float64()),
@@ -60,6 +63,7 @@ TRIALS_SCHEMA = pa.schema(
         ("wall_s", pa.float64()),
         ("mem_peak_mb", pa.float64()),
         ("updated_at", pa.timestamp("us", tz="UTC")),
+        ("driver_attempt", pa.int64()),  # the driver start that last wrote the row
     ]
 )
 
@@ -100,10 +104,19 @@ def read_rows(path: Path) -> list[dict]:
 class ResultsWriter:
     """Upserts rows by key and rewrites each table atomically. One per sweep, in the driver."""
 
-    def __init__(self, sweep_dir: str | os.PathLike, on_write=None):
-        """``on_write(path)`` runs after each table is rewritten (a URI store pushes it)."""
+    def __init__(self, sweep_dir: str | os.PathLike, on_write=None,
+                 attempt: int | None = None, fenced=None):
+        """``on_write(path)`` runs after each table is rewritten (a URI store pushes it).
+
+        Fencing (trainers/fence.py): ``attempt`` is the driver attempt writing (stamped on
+        trials rows as ``driver_attempt``); ``fenced()``, when given, is asked before every
+        write and returns a reason once a newer attempt runs the sweep, after which this
+        writer writes nothing (a superseded driver must not rewrite the tables under the new
+        one). An epochs row is never replaced by one from an older attempt."""
         self.dir = results_dir(sweep_dir)
         self._on_write = on_write
+        self.attempt, self._fenced = attempt, fenced
+        self.fenced_reason: str | None = None
         self._lock = threading.Lock()
         self._epochs: dict[tuple[str, int], dict] = {
             (r["trial_id"], r["epoch"]): r for r in read_rows(self.dir / EPOCHS_FILE)
@@ -120,15 +133,31 @@ class ResultsWriter:
         return sorted(rows, key=lambda r: r["epoch"])
 
     # -- writes ----------------------------------------------------------------------------
-    def upsert_epoch(self, row: dict[str, Any]) -> None:
+    def stopped(self) -> bool:
+        """True once this writer was fenced off (checked now, and remembered)."""
+        if self.fenced_reason is None and self._fenced is not None:
+            self.fenced_reason = self._fenced()
+        return self.fenced_reason is not None
+
+    def upsert_epoch(self, row: dict[str, Any]) -> bool:
+        """False (nothing written) when fenced, or when the stored row comes from a newer
+        driver attempt than ``row`` (a late write of an orphaned worker's report)."""
         with self._lock:
+            if self.stopped():
+                return False
             key = (row["trial_id"], int(row["epoch"]))
-            self._epochs[key] = {**self._epochs.get(key, {}), **row}
+            old = self._epochs.get(key, {})
+            if (old.get("driver_attempt") or 0) > (row.get("driver_attempt") or 0):
+                return False
+            self._epochs[key] = {**old, **row}
             self._flush_epochs()
+            return True
 
     def drop_epochs_after(self, trial_id: str, epoch: int) -> None:
         """Forget rows past ``epoch`` (a trial restarted from an earlier checkpoint)."""
         with self._lock:
+            if self.stopped():
+                return
             stale = [k for k in self._epochs if k[0] == trial_id and k[1] > epoch]
             for k in stale:
                 del self._epochs[k]
@@ -137,6 +166,10 @@ class ResultsWriter:
 
     def upsert_trial(self, row: dict[str, Any]) -> None:
         with self._lock:
+            if self.stopped():
+                return
+            if self.attempt is not None:
+                row = {**row, "driver_attempt": self.attempt}
             tid = row["trial_id"]
             self._trials[tid] = {**self._trials.get(tid, {}), **row}
             write_table_atomic(

@@ -6,6 +6,7 @@ Nothing is started or written before the config is valid. SWEEP_DIR holds everyt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from sweep import failfast
 from sweep.config import (
     ConfigError,
     SweepConfig,
@@ -26,6 +28,7 @@ from sweep.config import (
     yaml_load,
 )
 from sweep.layout import SweepLayout
+from sweep.lease import Lease, acquire
 from sweep.plan import build_specs, expand, format_plan, grid_fingerprint
 from sweep.results import END_STATUSES
 from trainers.files import write_json, write_text
@@ -52,17 +55,22 @@ class SweepLog:
                 self.store.push(self.path)
 
 
-def check_resume_compatible(cfg: SweepConfig, sweep_dir: Path) -> None:
-    """A sweep directory may only be continued with a config that gives the same grid."""
+def check_resume_compatible(cfg: SweepConfig, sweep_dir: Path,
+                            store: Store | None = None) -> list[str] | None:
+    """A sweep directory may only be continued with a config that gives the same grid, unless
+    none of its trials ever started (a failed preparation, say): then the new config replaces
+    the old setup, and the changed keys are returned (None: nothing to replace)."""
     layout = SweepLayout.of(sweep_dir)
     if not layout.state_file.exists():
-        return
+        return None
     old = json.loads(layout.state_file.read_text())
     if old.get("fingerprint") != grid_fingerprint(cfg):
         old_cfg = yaml_load(layout.config_file.read_text()) if layout.config_file.exists() else {}
         new_cfg = to_dict(cfg)
         changed = sorted(_diff_keys(old_cfg, new_cfg))
         changed = [k for k in changed if k.split(".")[0] not in ("name", "resources", "loggers", "failure")]
+        if failfast.never_started(store, sweep_dir):
+            return changed
         raise ConfigError(
             [
                 f"{sweep_dir} holds a sweep with a different grid or training setup "
@@ -70,6 +78,7 @@ def check_resume_compatible(cfg: SweepConfig, sweep_dir: Path) -> None:
                 f"(`sweep resume {sweep_dir}`) or choose another --name"
             ]
         )
+    return None
 
 
 def _diff_keys(a, b, prefix: str = "") -> set[str]:
@@ -118,22 +127,42 @@ def run_sweep(cfg: SweepConfig, storage: Store | Path, address: str | None, dry_
     if dry_run:
         print(f"sweep {cfg.name!r}: {len(plans)} trials -> {where}")
         print(format_plan(plans))
+        failfast.dry_run(cfg, plans, store, sweep_dir, address)
         return 0
+    # Every input problem that reading the inputs or this machine shows, before Ray starts
+    # and before anything is written (exit 2).
+    failfast.check_before_ray(cfg, store, sweep_dir, address)
     store.check()
-    sync_from_store(store, sweep_dir)
-    check_resume_compatible(cfg, sweep_dir)
-    resuming = SweepLayout.of(sweep_dir).state_file.exists()
-    write_sweep_state(cfg, sweep_dir, store)
-    log = SweepLog(sweep_dir, store)
-    log(f"sweep {cfg.name!r}: {len(plans)} trials -> {where}" + (" (resuming)" if resuming else ""))
-    if store.remote:
-        log(f"staging copy: {sweep_dir}")
-    log(format_plan(plans))
-    return _run(cfg, store, sweep_dir, plans, address, log)
+    # One driver per sweep: refused (exit 2, naming the holder) while another one is alive.
+    notes: list[str] = []
+    sink = [notes.append]
+    lease = acquire(store, sweep_dir, log=lambda text: sink[0](text))
+    try:
+        sync_from_store(store, sweep_dir)
+        replaced = check_resume_compatible(cfg, sweep_dir, store)
+        removed = failfast.clear_setup(store, sweep_dir) if replaced is not None else []
+        resuming = SweepLayout.of(sweep_dir).state_file.exists() and replaced is None
+        write_sweep_state(cfg, sweep_dir, store)
+        log = SweepLog(sweep_dir, store)
+        sink[0] = log
+        for note in notes:
+            log(note)
+        log(f"sweep {cfg.name!r}: {len(plans)} trials -> {where}" + (" (resuming)" if resuming else ""))
+        if replaced is not None:
+            log(f"no trial had started: replacing the previous setup (changed: "
+                f"{', '.join(replaced) or 'nothing that defines trials'}"
+                + (f"; removed {', '.join(removed)}" if removed else "") + ")")
+        log(f"driver attempt {lease.attempt}")
+        if store.remote:
+            log(f"staging copy: {sweep_dir}")
+        log(format_plan(plans))
+        return _run(cfg, store, sweep_dir, plans, address, log, lease)
+    finally:
+        lease.release()
 
 
 def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | None,
-         log: SweepLog) -> int:
+         log: SweepLog, lease: Lease | None = None) -> int:
     # Ray, torch and the training stack are imported only once the config is valid, so that
     # invalid input is refused at once.
     import ray
@@ -147,6 +176,8 @@ def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | 
     layout = SweepLayout.of(sweep_dir)
     owns = start_ray(cfg, address)
     try:
+        if not owns:  # the embedded cluster was checked before it started
+            failfast.check_existing_cluster(cfg, log)
         start_autoscaling_coordinator()
         # On the embedded cluster nothing else runs yet: preparation may use every core.
         cores = ray.cluster_resources().get("CPU", 1) - 1 if owns else cfg.resources.cpus_per_worker
@@ -156,7 +187,14 @@ def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | 
             num_gpus=cfg.resources.gpus_per_worker,
         )
         cache_dir = str(store.local / ".cache" / "models")
-        prep = ray.get(task.remote(cfg, str(sweep_dir), cache_dir, plans, threads, store))
+        try:
+            prep = ray.get(task.remote(cfg, str(sweep_dir), cache_dir, plans, threads, store))
+        except ray.exceptions.RayTaskError as e:
+            problem = failfast.prep_error(e)
+            if problem is None:
+                raise
+            log(f"preparation stopped: {problem}")
+            raise problem from e
         log(
             f"prepared in {time.perf_counter() - t0:.1f} s: model {prep.model_dir}\n"
             f"dense perplexity {prep.dense['perplexity']:.2f} ({prep.dense['windows']} windows, "
@@ -166,8 +204,22 @@ def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | 
             specs=build_specs(cfg, plans, layout, prep.prepared), store=store, layout=layout,
             resources=cfg.resources, failure=cfg.failure, keep_last=cfg.checkpoint.keep_last,
         )
+        if lease is not None:  # workers of an older attempt stop before writing
+            ctx = dataclasses.replace(ctx, attempt=lease.attempt,
+                                      specs=failfast.fence_specs(ctx.specs, lease.attempt, layout))
         tuner = _make_or_restore_tuner(cfg, plans, ctx, prep.dense_perplexity, log)
-        tuner.fit()
+        try:
+            tuner.fit()
+        except Exception as e:
+            stop = failfast.taken_over(lease, store, layout)
+            if stop is None:
+                raise
+            log(str(stop))
+            raise stop from e
+        stop = failfast.taken_over(lease, store, layout)
+        if stop is not None:
+            log(str(stop))
+            raise stop
     finally:
         if owns:
             ray.shutdown()
@@ -178,6 +230,15 @@ def model_name(cfg: SweepConfig) -> str:
     return cfg.model.name_or_path or f"config:{cfg.model.config.get('model_type')}"
 
 
+def calibration_by_trial(cfg: SweepConfig, plans) -> dict[str, str | None]:
+    """What each trial's masks were calibrated on, recorded in the trials table (JSON), or
+    None for a recipe that reads no activations (magnitude, uniform)."""
+    from sweep.prep import calibration_settings, recipe_of
+
+    text = json.dumps(calibration_settings(cfg), sort_keys=True)
+    return {p.trial_id: text if recipe_of(cfg, p).needs_calibration else None for p in plans}
+
+
 def _make_or_restore_tuner(cfg, plans, ctx, dense, log: SweepLog):
     from sweep.tuner import build_tuner, restore_tuner
 
@@ -185,7 +246,7 @@ def _make_or_restore_tuner(cfg, plans, ctx, dense, log: SweepLog):
     if tuner is not None:
         log(f"resuming the Tune experiment in {ctx.layout.tune} (finished trials are kept)")
         return tuner
-    tuner, n = build_tuner(cfg, plans, ctx, model_name(cfg), dense)
+    tuner, n = build_tuner(cfg, plans, ctx, model_name(cfg), dense, calibration_by_trial(cfg, plans))
     log(f"running {len(plans)} trials, at most {n} at once")
     return tuner
 

@@ -52,19 +52,20 @@ def restore_tuner(cfg: SweepConfig, ctx: DriverContext):
     )
     for callback in tuner_run_callbacks(tuner):
         if isinstance(callback, ResultsCallback):
-            callback.relocate(str(ctx.layout.root), ctx.store)
+            callback.relocate(str(ctx.layout.root), ctx.store, ctx.attempt)
     return tuner
 
 
 def build_tuner(cfg: SweepConfig, plans: list[TrialPlan], ctx: DriverContext, model_name: str,
-                dense: float | None):
+                dense: float | None, calibration: dict[str, str | None] | None = None):
     n = max_concurrent_trials(
         ray.cluster_resources(), trial_resources(cfg), len(plans), cfg.resources.max_concurrent_trials
     )
     callback = ResultsCallback(
         str(ctx.layout.root), cfg.name, model_name, dense, plans,
-        scheduler_name=cfg.early_stop.scheduler.upper(), store=ctx.store,
+        scheduler_name=cfg.early_stop.scheduler.upper(), store=ctx.store, calibration=calibration,
     )
+    callback.attempt = ctx.attempt
     scheduler = build_scheduler(cfg)
     # The metric is perplexity, lower is better; a scheduler carries it itself (Tune refuses
     # it twice), otherwise the Tuner does, so ResultGrid.get_best_result() works.

@@ -282,3 +282,39 @@ def test_to_dict_round_trips(path):
     plain = to_dict(cfg)
     assert yaml.safe_load(yaml.safe_dump(plain)) == plain  # YAML-able
     assert from_dict(plain, check_paths=False) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.distill.kind=kd", "train.distill.kind"),
+        ("train.distill.alpha=1.5", "train.distill.alpha"),
+        ("train.distill.temperature=0", "train.distill.temperature"),
+        ("train.distill.ce_weight=-1", "train.distill.ce_weight"),
+        ("grid.distill=[none,kd]", "grid.distill[1]"),
+        ("grid.method=[wanda,obs]", "grid.method[1]"),
+        ("grid.layerwise=[owl,owl]", "grid.layerwise"),
+        ("prune.method=obs", "prune.method"),
+        ("prune.calibration.samples=0", "prune.calibration.samples"),
+        ("prune.calibration.seq_len=1", "prune.calibration.seq_len"),
+        ("prune.sparsegpt.percdamp=1.5", "prune.sparsegpt.percdamp"),
+        ("prune.sparsegpt.blocksize=0", "prune.sparsegpt.blocksize"),
+        ("prune.owl.lam=0.6", "prune.owl.lam"),
+        ("prune.owl.m=0", "prune.owl.m"),
+    ],
+)
+def test_pruning_and_distillation_keys_are_checked(tmp_path, override, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": VALID_MODEL}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    assert any(p.startswith(key) for p in err.value.problems), err.value.problems
+
+
+def test_owl_refuses_a_pattern_and_sparsities_it_cannot_spread(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": VALID_MODEL}))
+    with pytest.raises(ConfigError, match="prune.layerwise: owl"):
+        load_config(path, ["prune.layerwise=owl", "grid.pattern=['2:4']"])
+    with pytest.raises(ConfigError, match=r"grid.sparsity\[0\]"):
+        load_config(path, ["prune.layerwise=owl", "grid.sparsity=[0.05]"])

@@ -43,7 +43,7 @@ def test_trials_run_on_both_nodes(two_nodes, tmp_path):
             # Pruning method as a grid axis (issue 7): each mask is computed once and shared.
             "grid.method=[magnitude, wanda]",
             "grid.sparsity=[0.5]",
-            "prune.calibration_samples=16",
+            "prune.calibration.samples=16",
         ],
     )
     assert run_sweep(cfg, tmp_path, address=cluster.address, dry_run=False) == 0

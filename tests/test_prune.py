@@ -34,7 +34,6 @@ from trainers.parallel import (
 )
 from trainers.prune import (
     apply_masks,
-    compute_masks,
     decoder_blocks,
     load_masks,
     magnitude_masks,
@@ -45,6 +44,7 @@ from trainers.prune import (
     wanda_masks,
     wanda_scores,
 )
+from trainers.pruning import Recipe, prune_model
 
 VOCAB = 300
 
@@ -213,8 +213,7 @@ def assert_nm(mask: torch.Tensor, weight: torch.Tensor, n: int, m: int) -> None:
 def test_nm_groups(arch: str, method: str, pattern: tuple[int, int]):
     model = MODELS[arch]()
     dense = {n: lin.weight.detach().clone() for n, lin in prunable_linears(model).items()}
-    masks = compute_masks(model, method, None, pattern, calib_input_ids=calib_ids())
-    apply_masks(model, masks)
+    masks, _ = prune_model(model, Recipe(method, None, pattern), calib_ids())
     n, m = pattern
     for name, lin in prunable_linears(model).items():
         assert_nm(masks[name], lin.weight, n, m)
@@ -235,9 +234,9 @@ def test_pattern_and_sparsity_must_agree():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         magnitude_masks(model, 1.5)
     with pytest.raises(ValueError, match="unknown pruning method"):
-        compute_masks(model, "sparsegpt", 0.5)
-    with pytest.raises(ValueError, match="calib_input_ids"):
-        compute_masks(model, "wanda", 0.5)
+        prune_model(model, Recipe("obs", 0.5))
+    with pytest.raises(ValueError, match="calibration"):
+        prune_model(model, Recipe("wanda", 0.5))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,8 +447,7 @@ def test_smollm2_wanda_beats_magnitude(smollm):
     for pattern in (None, (2, 4)):
         for method in ("magnitude", "wanda"):
             model.load_state_dict(dense_state)
-            masks = compute_masks(model, method, 0.5, pattern, calib_input_ids=calib)
-            apply_masks(model, masks)
+            prune_model(model, Recipe(method, None if pattern else 0.5, pattern), calib)
             summary = sparsity_summary(measured_sparsity(model))
             assert summary["min"] >= 0.5 - 1e-6 and summary["max"] <= 0.5 + 1e-3
             label = method if pattern is None else f"{method} 2:4"

@@ -8,8 +8,9 @@ perplexity) was prepared once before the grid; a trial only reads it (``TrialSpe
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from transformers.utils import logging as hf_logging
 from eval.perplexity import evaluate
 from trainers.checkpoint import export_hf, load_training_state, save_training_state
 from trainers.data import micro_batches, pack_blocks, worker_batch
+from trainers.distill import ce_loss, make_loss_fn
 from trainers.model import load_model
 from trainers.parallel import (
     all_reduce_sum,
@@ -27,7 +29,7 @@ from trainers.parallel import (
     shard_model,
     sparsity_summary,
 )
-from trainers.prune import apply_masks, decoder_blocks, load_masks
+from trainers.prune import apply_masks, decoder_blocks, load_layer_weights, load_masks
 from trainers.spec import ModelConfig, TrialSpec
 from trainers.step import lr_at, train_step
 
@@ -48,6 +50,7 @@ class LoopState:
     history: list = field(default_factory=list)  # [{epoch, perplexity, loss}]
     stopped: str | None = None  # "early_stopped" / "diverged"
     stop_reason: str | None = None
+    attempt: int = 0  # the driver attempt that saved this state (trainers/fence.py)
 
 
 def silence_transformers() -> None:
@@ -70,23 +73,37 @@ class TrialCore:
         torch.manual_seed(spec.train.seed + rank)
 
     def build(self) -> None:
-        """Load the prepared model, apply the masks, shard it, and load the data."""
+        """Load the prepared model (with the pruned weights when the method changed them),
+        apply the masks, shard it, load the data, and for distillation the dense teacher."""
         prep = self.spec.prepared
         model = load_model(ModelConfig(name_or_path=prep.model_dir))
+        if prep.weights:
+            load_layer_weights(model, load_file(prep.weights))
         masks = load_masks(prep.masks)
         apply_masks(model, masks)
-        if self.device.type == "cuda":
-            model.to(self.device)
-        _, blocks = decoder_blocks(model)
         self.names = sorted(masks)
         self.sizes = {n: m.numel() for n, m in masks.items()}
-        self.model = shard_model(model, blocks, mixed_precision=self.device.type == "cuda")
+        self.model = self._shard(model)
         self.pruned = shard_masks(self.model, masks)
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=self.plan.lr, weight_decay=self.spec.train.weight_decay
         )
         self.blocks = pack_blocks(load_file(prep.train_tokens)["tokens"], self.spec.seq_len)
         self.windows = load_file(prep.eval_windows)
+        self.recipe = json.loads(Path(prep.recipe).read_text()) if prep.recipe else {}
+        self.teacher, self.loss_fn = None, ce_loss
+        distill = replace(self.spec.train.distill, kind=self.plan.distill)
+        if distill.kind != "none":
+            # The dense model, frozen, sharded like the student on the same ranks; no optimizer
+            # state and no checkpoint (a resumed trial loads it again from the prepared model).
+            self.teacher = self._shard(load_model(ModelConfig(name_or_path=prep.model_dir)))
+            self.loss_fn = make_loss_fn(self.teacher, distill)
+
+    def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.device.type == "cuda":
+            model.to(self.device)
+        _, blocks = decoder_blocks(model)
+        return shard_model(model, blocks, mixed_precision=self.device.type == "cuda")
 
     # -- measuring ---------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -118,7 +135,7 @@ class TrialCore:
         loss = train_step(
             self.model, self.opt, self.blocks, micro_batches(idx, plan.grad_accum), self.pruned,
             lr_at(st.step, plan.lr, plan.total_steps, train.warmup_frac),
-            train.max_grad_norm, self.device,
+            train.max_grad_norm, self.device, self.loss_fn,
         )
         st.step += 1
         st.epoch_loss_sum += loss

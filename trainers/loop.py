@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Protocol
 
 from trainers.core import TrialCore
+from trainers.distill import teacher_memory_mb
+from trainers.fence import Fenced, adopt_attempt, check_fence
 from trainers.metrics import EvalReport
 from trainers.stopping import divergence, plateau
 from trainers.trial_log import (
@@ -101,12 +103,16 @@ def run_trial(core: TrialCore, hooks: Hooks) -> None:
         log(f"resumed from checkpoint: epoch {core.st.epoch}, step {core.st.step}")
     st = core.st
     try:
+        adopt_attempt(core)
         if st.baseline is None:
             baseline(core, hooks, log)
         while st.epoch < spec.plan.num_epochs and not st.stopped:
             epoch(core, hooks, log, progress)
         log(format_summary(st.baseline, st.history[-1]["perplexity"], st.best, st.best_epoch))
         hooks.push(spec.log_path)
+    except Fenced as e:
+        # An orphan of a killed or superseded driver: end quietly, nothing more is written.
+        log(f"stopped without writing: {e}")
     finally:
         progress.close()
 
@@ -121,12 +127,19 @@ def eval_report(core: TrialCore, epoch: int, ev: dict, **extra) -> dict:
         sparsity_actual=st.sparsity_actual, baseline_perplexity=st.baseline,
         best_perplexity=st.best, best_epoch=st.best_epoch,
         wall_s=time.perf_counter() - core.t_start, mem_peak_mb=mem_peak, lr=plan.lr,
-        status=st.stopped, stop_reason=st.stop_reason, **extra,
+        status=st.stopped, stop_reason=st.stop_reason, driver_attempt=core.spec.attempt,
+        **extra,
     ).to_dict()
+
+
+def fence(core: TrialCore, hooks: Hooks) -> None:
+    """Before a write: stop (``Fenced``) when a newer driver attempt runs the sweep."""
+    check_fence(core, getattr(hooks, "store", None))
 
 
 def export_best(core: TrialCore, hooks: Hooks) -> None:
     if core.spec.export_dir:
+        fence(core, hooks)
         core.export(Path(core.spec.export_dir))
         hooks.push(core.spec.export_dir)
 
@@ -150,12 +163,30 @@ def baseline(core: TrialCore, hooks: Hooks, log: TrialLog) -> None:
         + (f" ({trend(ev['perplexity'], dense)} vs dense)" if dense else "")
         + f", {ev['windows']} windows, {ev['tokens']} tokens, {ev['seconds']:.1f} s\n"
         + format_sparsity(summary, plan.sparsity, len(core.names))
+        + format_recipe(core)
     )
     export_best(core, hooks)  # the pruned model is the best until training beats it
     check_stop(core, None, ev["perplexity"])
     hooks.report(core, eval_report(core, 0, ev, loss=None, tokens_per_s=None, epoch_steps=0,
                                    sparsity_min=summary["min"], sparsity_max=summary["max"]),
                  save=False)
+
+
+def format_recipe(core: TrialCore) -> str:
+    """The layer-wise targets (OWL) and the recovery objective with the teacher's memory."""
+    lines = []
+    blocks = core.recipe.get("block_sparsities")
+    if blocks:
+        lines.append(f"layer-wise targets ({core.plan.layerwise}, per block): "
+                     + " ".join(f"{s:.3f}" for s in blocks))
+    if core.teacher is not None:
+        d = core.spec.train.distill
+        weights = (f"alpha {d.alpha}, temperature {d.temperature}" if core.plan.distill == "logits"
+                   else f"ce_weight {d.ce_weight}")
+        lines.append(f"recovery by distillation: {core.plan.distill} ({weights}); parameters on this "
+                     f"rank: teacher {teacher_memory_mb(core.teacher):.1f} MB (frozen, no optimizer "
+                     f"state), student {teacher_memory_mb(core.model):.1f} MB")
+    return "".join(f"\n{line}" for line in lines)
 
 
 def train_epoch(core: TrialCore, hooks: Hooks, progress: Progress) -> tuple[float, float]:
@@ -170,6 +201,7 @@ def train_epoch(core: TrialCore, hooks: Hooks, progress: Progress) -> tuple[floa
         progress(st.epoch, st.step)
         if every and st.step % every == 0 and st.step < end:
             last = st.history[-1]
+            fence(core, hooks)
             hooks.report(core, {"kind": "step", "epoch": st.epoch,
                                 "perplexity": last["perplexity"], "steps": st.step}, save=True)
     return core.epoch_loss(), st.epoch_train_s
@@ -219,6 +251,7 @@ def epoch(core: TrialCore, hooks: Hooks, log: TrialLog, progress: Progress) -> N
     check_stop(core, loss, ppl)
     if st.stopped:
         log(f"stopping: {st.stopped} ({st.stop_reason})")
+    fence(core, hooks)
     hooks.report(core, eval_report(core, st.epoch, ev, loss=loss,
                                    tokens_per_s=tokens / max(train_s, 1e-9), epoch_steps=steps),
                  save=True)

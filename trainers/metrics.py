@@ -51,6 +51,7 @@ class EvalReport:
     stop_reason: str | None = None
     sparsity_min: float | None = None  # per-layer extremes, at the baseline
     sparsity_max: float | None = None
+    driver_attempt: int = 0  # the driver attempt that launched the trial (trainers/fence.py)
     kind: str = "eval"
 
     def to_dict(self) -> dict:
@@ -65,6 +66,8 @@ EPOCH_COLUMNS: tuple[Column, ...] = (
     Column("trial_id", "string", "plan"),
     Column("method", "string", "plan"),
     Column("pattern", "string", "plan", "N:M pattern, null when unstructured"),
+    Column("layerwise", "string", "plan", "how the sparsity is spread over blocks: uniform, owl"),
+    Column("distill", "string", "plan", "the recovery objective: none (CE), logits, squarehead"),
     Column("sparsity", "float", "plan", "the target"),
     Column("batch_size", "int", "plan"),
     Column("epoch", "int", "report", "0 = the baseline: pruned, before any training step"),
@@ -81,6 +84,8 @@ EPOCH_COLUMNS: tuple[Column, ...] = (
     Column("mem_peak_mb", "float", "report", "peak memory on rank 0 (CUDA allocator or process RSS)"),
     Column("eval_tokens", "int", "report", "tokens scored by the evaluation"),
     Column("node_id", "string", "report", "the Ray node of rank 0"),
+    Column("driver_attempt", "int", "report",
+           "the driver start (1 = first run, +1 per resume) whose workers produced the row"),
     Column("timestamp", "timestamp", "driver"),
 )
 

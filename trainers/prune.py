@@ -33,7 +33,6 @@ from trainers.files import atomic_write
 from trainers.spec import Pattern, parse_pattern
 
 Masks = dict[str, torch.Tensor]
-METHODS = ("magnitude", "wanda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,27 +365,6 @@ def resolve_layer_sparsity(
 # Dispatch, application, measurement
 
 
-def compute_masks(
-    model: nn.Module,
-    method: str,
-    sparsity: float | Mapping[str, float] | None,
-    pattern: Pattern | None = None,
-    calib_input_ids: torch.Tensor | None = None,
-    batch_size: int = 8,
-) -> Masks:
-    """Masks by method name. Wanda leaves the model pruned; follow with ``apply_masks`` always.
-
-    ``sparsity``: one value, or {layer name: value} for every prunable layer.
-    """
-    if method == "magnitude":
-        return magnitude_masks(model, sparsity, pattern)
-    if method == "wanda":
-        if calib_input_ids is None:
-            raise ValueError("method 'wanda' needs calib_input_ids ([S, T] token ids)")
-        return wanda_masks(model, sparsity, calib_input_ids, pattern, batch_size=batch_size)
-    raise ValueError(f"unknown pruning method {method!r}; expected one of {', '.join(METHODS)}")
-
-
 def _weights(model: nn.Module, masks: Mapping[str, torch.Tensor]):
     for name, mask in masks.items():
         weight = model.get_submodule(name).weight
@@ -422,3 +400,16 @@ def load_masks(path: str | os.PathLike, device: str | torch.device = "cpu") -> M
             raise ValueError(f"{path}: mask {name} has dtype {tensor.dtype}, expected uint8")
         masks[name] = tensor.bool()
     return masks
+
+
+@torch.no_grad()
+def load_layer_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Copy saved pruned-layer weights (layer name -> weight, as a method that updates the kept
+    weights left them) into ``model``'s layers, exactly."""
+    for name, tensor in weights.items():
+        weight = model.get_submodule(name).weight
+        if weight.shape != tensor.shape:
+            raise ValueError(f"saved weight of {name} is {tuple(tensor.shape)}, the model's is "
+                             f"{tuple(weight.shape)}: prepared for another model?")
+        weight.copy_(tensor)
+    return model

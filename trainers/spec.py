@@ -13,9 +13,11 @@ path, and how an N:M pattern is read and named.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from eval.text import TextSource
 
 # ---------------------------------------------------------------------------------------------
 # Shared rules
@@ -80,6 +82,50 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    # Text whose activations Wanda, SparseGPT and OWL measure (None: the training text, data.train).
+    # The papers use 128 sequences of 2048 tokens from C4's train split.
+    text: TextSource | None = None
+    # Sequences drawn (without replacement, by a seeded permutation) from the text's blocks.
+    samples: int = 128
+    # Tokens per calibration sequence (None: data.seq_len).
+    seq_len: int | None = None
+    # Seed of the draw (None: train.seed).
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class SparseGPTConfig:
+    # Dampening added to the Hessian's diagonal, as a fraction of its mean (the reference's 0.01).
+    percdamp: float = 0.01
+    # Columns processed together; the mask is chosen adaptively within each block.
+    blocksize: int = 128
+
+
+@dataclass(frozen=True)
+class OWLConfig:
+    # A Wanda score counts as an outlier above m times its block's mean score (the paper's M).
+    m: float = 5.0
+    # Per-block sparsities spread over target +/- lam around the target (the paper's lambda).
+    lam: float = 0.08
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    # Recovery objective: "none" is plain next-token cross-entropy (CE); "logits" mixes CE with
+    # the KL to the dense teacher's softened next-token distribution; "squarehead" adds CE to the
+    # per-block hidden-state MSE normalised by the teacher's (Kurtic et al. 2023). The grid axis
+    # grid.distill overrides it per trial.
+    kind: Literal["none", "logits", "squarehead"] = "none"
+    # logits: weight of CE; the KL term gets 1 - alpha (1 is plain CE, 0 pure KL).
+    alpha: float = 0.5
+    # logits: softmax temperature of both distributions (the KL is scaled by T^2).
+    temperature: float = 2.0
+    # squarehead: weight of CE next to the summed per-block terms.
+    ce_weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     # Evaluations after epoch 0 (the baseline); one per epoch.
     num_epochs: int = 1
@@ -100,6 +146,8 @@ class TrainConfig:
     micro_batch_size: int | None = None
     # Seed of the data order and of everything random in a trial.
     seed: int = 0
+    # Recovery by distillation from the dense model (teacher): the objective and its weights.
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass(frozen=True)
@@ -140,7 +188,7 @@ class TrialPlan:
     """One grid point and the step rules applied to it (``sweep.plan.expand`` makes them)."""
 
     trial_id: str
-    sparsity: float  # the target; an N:M pattern implies 1 - N/M
+    sparsity: float  # the target (the mean over layers with OWL); N:M implies 1 - N/M
     batch_size: int  # global: sequences per optimizer step across all workers
     method: str
     pattern: str | None
@@ -149,6 +197,8 @@ class TrialPlan:
     num_epochs: int
     workers: int
     grad_accum: int  # forward/backward passes per optimizer step on each worker
+    layerwise: str = "uniform"  # how sparsity is spread over blocks: uniform or owl
+    distill: str = "none"  # the recovery objective: none (CE), logits, squarehead
 
     @property
     def total_steps(self) -> int:
@@ -168,6 +218,11 @@ class Prepared:
     eval_windows: str  # safetensors: "input_ids" and "labels" of the evaluation windows
     masks: str  # safetensors: one uint8 keep-mask per pruned layer
     dense_perplexity: float | None  # the unpruned model, measured once per sweep
+    # safetensors: the pruned layers' weights, for methods that change the kept weights
+    # (SparseGPT); None: the model's own weights, masked.
+    weights: str | None = None
+    # JSON: how the masks were made (method, per-block sparsities, calibration, seconds).
+    recipe: str | None = None
 
 
 @dataclass(frozen=True)
@@ -186,3 +241,8 @@ class TrialSpec:
     progress_path: str | None = None  # rank 0's per-step heartbeat; None: none
     export_dir: str | None = None  # the best model so far, as a Hugging Face directory
     progress_bar: bool = True  # a progress bar while evaluating (rank 0)
+    # The driver attempt that launched this trial, and the directory of the attempts' claims
+    # (SWEEP_DIR/driver.attempts): workers stop before writing once a newer attempt exists
+    # (trainers/fence.py). 0 / None: not fenced (a trial run outside a sweep).
+    attempt: int = 0
+    attempts_dir: str | None = None

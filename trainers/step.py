@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from trainers.distill import LossFn, ce_loss
 from trainers.parallel import enforce_masks, mask_gradients
 
 
@@ -28,9 +29,12 @@ def train_step(
     lr: float,
     max_grad_norm: float | None,
     device: torch.device,
+    loss_fn: LossFn = ce_loss,
 ) -> float:
     """Forward/backward over this worker's micro-batches (rows of ``blocks``), then one step.
     ``pruned``: each masked layer's pruned positions, as ``trainers.parallel.shard_masks`` gives.
+    ``loss_fn(model, batch)``: the micro-batch's mean loss (CE by default; a distillation
+    objective from ``trainers.distill.make_loss_fn``).
 
     Each micro-batch's mean token loss is weighted by its share of the worker's sequences, so
     the accumulated gradient is the mean over the worker's share whatever the split; FSDP's
@@ -44,7 +48,7 @@ def train_step(
     loss_sum = 0.0
     for idx in micro:
         batch = blocks[idx].to(device)
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = loss_fn(model, batch)
         weight = len(idx) / total
         (loss * weight).backward()
         loss_sum += loss.item() * weight
