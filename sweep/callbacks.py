@@ -1,8 +1,10 @@
 """Ray Tune callbacks in the sweep's driver process: the one writer of results, the freeing of a
-stopped trial's placement group, and the experiment trackers a config names."""
+stopped trial's placement group, TensorBoard files stepped by epoch, and the experiment trackers
+a config names."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
@@ -11,13 +13,14 @@ from pathlib import Path
 
 import ray
 from ray import tune
+from ray.tune.logger import TBXLoggerCallback
 from ray.util.placement_group import PlacementGroup, placement_group_table
 
 from sweep.config import SweepConfig
 from sweep.layout import SweepLayout
 from sweep.results import END_STATUSES, ResultsWriter, improvement_pct
 from trainers.fence import Fenced, superseded
-from trainers.metrics import columns_from
+from trainers.metrics import EvalReport, columns_from
 from trainers.spec import TrialPlan
 from trainers.storage import Store
 
@@ -207,12 +210,46 @@ def remove_placement_group_if_alive(pg_hex: str) -> bool:
         return False
 
 
+class EpochTensorBoard(TBXLoggerCallback):
+    """Each trial's TensorBoard file (SWEEP_DIR/tune/<trial>/events.out.tfevents.*) with the
+    trial's epoch as the step, so curves of different batch sizes line up (Tune's own logger
+    steps by its report counter, which mid-epoch checkpoint reports also advance); perplexity
+    and loss again under ``by_tokens/`` against the training tokens seen. Being a
+    ``TBXLoggerCallback``, it replaces Tune's default one (Tune adds its own only when none is
+    given; the CSV and JSON loggers stay Tune's)."""
+
+    SCALARS = tuple(f.name for f in dataclasses.fields(EvalReport)
+                    if f.name not in ("epoch", "kind", "status", "stop_reason"))
+    BY_TOKENS = ("perplexity", "loss")
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        if result.get("kind") != "eval" or result.get("epoch") is None:
+            return  # a mid-epoch checkpoint report repeats the last evaluation
+        if trial not in self._trial_writer:
+            self.log_trial_start(trial)
+        writer = self._trial_writer[trial]
+        epoch = int(result["epoch"])
+        written = {}
+        for name in self.SCALARS:
+            value = result.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                writer.add_scalar(name, value, global_step=epoch)
+                written[name] = value
+        tokens = result.get("tokens")
+        if isinstance(tokens, int):
+            for name in self.BY_TOKENS:
+                if name in written:
+                    writer.add_scalar(f"by_tokens/{name}", written[name], global_step=tokens)
+        self._trial_result[trial] = written  # the hparams summary at the trial's end
+        writer.flush()
+
+
 def logger_callbacks(cfg: SweepConfig) -> list:
-    """Experiment trackers the config names, through Ray Tune's own logger callbacks (they read
-    their credentials from the environment: WANDB_API_KEY, MLFLOW_TRACKING_URI). TensorBoard
-    files are always written by Tune's default loggers. Imported only when named: each pulls
-    in its tracker's package."""
-    out = []
+    """TensorBoard by epoch (``EpochTensorBoard``), and the experiment trackers the config
+    names, through Ray Tune's own logger callbacks (they read their credentials from the
+    environment: WANDB_API_KEY, MLFLOW_TRACKING_URI). Trackers are imported only when named:
+    each pulls in its tracker's package."""
+    out: list = [EpochTensorBoard()]
     if "wandb" in cfg.loggers:
         from ray.air.integrations.wandb import WandbLoggerCallback
 

@@ -24,6 +24,7 @@ def _add_run(sub) -> None:
     p.add_argument("--gguf-file", help="shortcut: model.gguf_file (with --model)")
     p.add_argument("--sparsity", type=float, nargs="+", help="shortcut: replace grid.sparsity")
     p.add_argument("--batch-size", type=int, nargs="+", help="shortcut: replace grid.batch_size")
+    _add_verbose(p)
     _add_debug(p)
 
 
@@ -31,7 +32,13 @@ def _add_resume(sub) -> None:
     p = sub.add_parser("resume", help="continue an interrupted sweep from SWEEP_DIR")
     p.add_argument("sweep_dir", help="SWEEP_DIR, or the sweep's URI when --storage was one")
     p.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else embedded)")
+    _add_verbose(p)
     _add_debug(p)
+
+
+def _add_verbose(p) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's own output on the console too (default: SWEEP_DIR/logs/ray.log)")
 
 
 DEBUG_ENV = "SWEEP_DEBUG"
@@ -61,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot_arguments(sub.add_parser("plot", help="perplexity against sparsity, and over epochs"))
     add_eval_arguments(sub.add_parser("eval", help="perplexity of one model (JSON on the last line)"))
     add_prune_arguments(sub.add_parser("prune", help="prune one model once, no sweep (JSON on the last line)"))
+    from sweep.status import add_status_arguments
+
+    add_status_arguments(sub.add_parser(
+        "status", help="where a sweep stands: trials, steps, perplexity, ETA, its driver"))
     return parser
 
 
@@ -72,18 +83,57 @@ def _cmd_run(args) -> int:
     shortcuts = {"model": args.model, "gguf_file": args.gguf_file, "sparsity": args.sparsity,
                  "batch_size": args.batch_size, "name": args.name}
     cfg = config_from_args(args.config, list(args.overrides), shortcuts)
-    return run_sweep(cfg, env_storage(args.storage), args.address, args.dry_run)
+    return _joining(args, lambda: run_sweep(cfg, env_storage(args.storage), args.address,
+                                            args.dry_run, args.verbose))
 
 
 def _cmd_resume(args) -> int:
     from sweep.runner import resume_sweep
 
-    return resume_sweep(args.sweep_dir, args.address)
+    return _joining(args, lambda: resume_sweep(args.sweep_dir, args.address, args.verbose))
+
+
+def token_retry_env(error: BaseException, address: str | None, environ=os.environ) -> dict | None:
+    """After an existing cluster refused this client for want of a token (Ray 2.60 sends its
+    token only in token mode, which a client never turns on by itself): the environment in
+    which to run the same command again in token mode, when a token is at hand ($RAY_AUTH_TOKEN,
+    the file $RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) and the user has not chosen a mode;
+    else None. Token mode is never turned on ahead of time: a client in token mode breaks a
+    cluster without authentication (its workers cannot call back). Ray reads the mode once,
+    at import, hence a new process rather than a retry in this one."""
+    if type(error).__name__ != "AuthenticationError" or not type(error).__module__.startswith("ray"):
+        return None
+    if not (address or environ.get("RAY_ADDRESS")) or "RAY_AUTH_MODE" in environ:
+        return None
+    path = environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".ray", "auth_token")
+    if environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
+        return {**environ, "RAY_AUTH_MODE": "token"}
+    return None
+
+
+def _joining(args, run) -> int:
+    """``run()`` for sweep run / resume, in token mode again when the cluster asks for it."""
+    try:
+        return run()
+    except Exception as e:
+        env = token_retry_env(e, getattr(args, "address", None))
+        if env is None:
+            if type(e).__name__ == "AuthenticationError":
+                raise ConfigError([f"--address: the Ray cluster requires token authentication; set "
+                                   f"RAY_AUTH_MODE=token and the head's token (RAY_AUTH_TOKEN, or "
+                                   f"the file ~/.ray/auth_token): {e}"]) from None
+            raise
+        print("sweep: the cluster uses token authentication: running again with "
+              "RAY_AUTH_MODE=token", file=sys.stderr, flush=True)
+        os.execve(sys.executable, [sys.executable, "-m", "sweep.cli", *args.argv], env)
+        raise AssertionError("unreachable") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "run":
             return _cmd_run(args)
@@ -109,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             from sweep.prune_cmd import run_prune
 
             return run_prune(args)
+        if args.command == "status":
+            from sweep.status import run_status_cli
+
+            return run_status_cli(args)
     except ConfigError as e:
         _debug(args)
         print(f"sweep: {e}", file=sys.stderr)

@@ -76,10 +76,16 @@ def start_ray(cfg: SweepConfig, address: str | None) -> bool:
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get(
                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
             ),
+            # Ray Train replaces a worker's print() with one that writes to stdout AND logs to
+            # the root logger, whose console handler prints it again: every trial line twice
+            # in Ray's output. The console reads the trial logs instead (sweep.console).
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"),
         }
     }
     # include_dashboard left at its default: Ray's placement-group cleaner needs the State API
     # to free a stopped trial's workers (docs/design.md, "The placement-group leak").
     # address="local": never attach to a cluster some other `ray start` left on this machine.
+    # log_to_driver: the workers' output reaches this process, whose stdout and stderr point at
+    # SWEEP_DIR/logs/ray.log while the sweep runs (sweep.console.Capture; --verbose: the console).
     ray.init(address="local", num_cpus=local_cluster_cpus(cfg), runtime_env=env, log_to_driver=True)
     return True

@@ -23,7 +23,10 @@ COORDINATOR = ("ray.data._internal.cluster_autoscaler.default_autoscaling_coordi
                "get_or_create_autoscaling_coordinator")
 # 3. A restored Tuner's run config, to re-point the results callback pickled in tuner.pkl.
 TUNER_RUN_CONFIG = "ray.tune.Tuner._local_tuner.get_run_config"
-# 4. The cluster's autoscaling config, to tell a cluster that can never hold a trial from one
+# 4. Tune's TensorBoard logger's per-trial writers, which sweep.callbacks.EpochTensorBoard
+#    reuses to step TensorBoard by epoch instead of Tune's report counter.
+TBX_WRITERS = "ray.tune.logger.tensorboardx.TBXLoggerCallback._trial_writer / _trial_result"
+# 5. The cluster's autoscaling config, to tell a cluster that can never hold a trial from one
 #    whose autoscaler may add the nodes it needs (Ray Data asks the same question this way).
 CLUSTER_CONFIG = "ray._private.state.GlobalState.get_cluster_config"
 
@@ -129,6 +132,11 @@ def problems() -> list[str]:
         found.append(f"{TUNER_RUN_CONFIG}: Tuner no longer keeps _local_tuner")
     if not callable(getattr(TunerInternal, "get_run_config", None)):
         found.append(f"{TUNER_RUN_CONFIG}: TunerInternal.get_run_config is gone")
+    from ray.tune.logger import TBXLoggerCallback
+
+    source = inspect.getsource(TBXLoggerCallback)
+    if "self._trial_writer" not in source or "self._trial_result" not in source:
+        found.append(f"{TBX_WRITERS}: TBXLoggerCallback no longer keeps them")
     from ray._private.state import GlobalState
 
     if not callable(getattr(GlobalState, "get_cluster_config", None)):

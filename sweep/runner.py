@@ -27,6 +27,7 @@ from sweep.config import (
     to_dict,
     yaml_load,
 )
+from sweep.estimate import disk_line, estimate, format_estimate
 from sweep.layout import SweepLayout
 from sweep.lease import Lease, acquire
 from sweep.plan import build_specs, expand, format_plan, grid_fingerprint
@@ -42,9 +43,13 @@ class SweepLog:
     def __init__(self, sweep_dir: Path | None, store: Store | None = None):
         self.path = SweepLayout.of(sweep_dir).sweep_log if sweep_dir else None
         self.store = store
+        self.out = None  # while the sweep runs: the console (sweep.console.RunConsole.print)
 
     def __call__(self, text: str) -> None:
-        print(text, flush=True)
+        if self.out is not None:
+            self.out(text)
+        else:
+            print(text, flush=True)
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -119,7 +124,8 @@ def load_sweep_config(sweep_dir: Path) -> SweepConfig:
     return from_dict(yaml_load(path.read_text()), str(path))
 
 
-def run_sweep(cfg: SweepConfig, storage: Store | Path, address: str | None, dry_run: bool) -> int:
+def run_sweep(cfg: SweepConfig, storage: Store | Path, address: str | None, dry_run: bool,
+              verbose: bool = False) -> int:
     store = storage if isinstance(storage, Store) else Store(Path(storage).resolve())
     plans = expand(cfg)
     sweep_dir = store.local / cfg.name
@@ -127,6 +133,7 @@ def run_sweep(cfg: SweepConfig, storage: Store | Path, address: str | None, dry_
     if dry_run:
         print(f"sweep {cfg.name!r}: {len(plans)} trials -> {where}")
         print(format_plan(plans))
+        print(format_estimate(estimate(cfg, plans, eval_windows=SweepLayout.of(sweep_dir).eval_windows)))
         failfast.dry_run(cfg, plans, store, sweep_dir, address)
         return 0
     # Every input problem that reading the inputs or this machine shows, before Ray starts
@@ -156,13 +163,13 @@ def run_sweep(cfg: SweepConfig, storage: Store | Path, address: str | None, dry_
         if store.remote:
             log(f"staging copy: {sweep_dir}")
         log(format_plan(plans))
-        return _run(cfg, store, sweep_dir, plans, address, log, lease)
+        return _run(cfg, store, sweep_dir, plans, address, log, lease, verbose)
     finally:
         lease.release()
 
 
 def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | None,
-         log: SweepLog, lease: Lease | None = None) -> int:
+         log: SweepLog, lease: Lease | None = None, verbose: bool = False) -> int:
     # Ray, torch and the training stack are imported only once the config is valid, so that
     # invalid input is refused at once.
     import ray
@@ -174,7 +181,12 @@ def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | 
 
     t0 = time.perf_counter()
     layout = SweepLayout.of(sweep_dir)
-    owns = start_ray(cfg, address)
+    console = _open_console(layout, plans, store, verbose, log)
+    try:
+        owns = start_ray(cfg, address)
+    except BaseException:
+        _close_console(console, log)
+        raise
     try:
         if not owns:  # the embedded cluster was checked before it started
             failfast.check_existing_cluster(cfg, log)
@@ -187,18 +199,18 @@ def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | 
             num_gpus=cfg.resources.gpus_per_worker,
         )
         cache_dir = str(store.local / ".cache" / "models")
+        console.phase("preparing")
         try:
             prep = ray.get(task.remote(cfg, str(sweep_dir), cache_dir, plans, threads, store))
         except ray.exceptions.RayTaskError as e:
             problem = failfast.prep_error(e)
             if problem is None:
                 raise
-            log(f"preparation stopped: {problem}")
             raise problem from e
         log(
-            f"prepared in {time.perf_counter() - t0:.1f} s: model {prep.model_dir}\n"
-            f"dense perplexity {prep.dense['perplexity']:.2f} ({prep.dense['windows']} windows, "
-            f"{prep.dense['tokens']} tokens)"
+            f"prepared in {time.perf_counter() - t0:.1f} s: dense perplexity "
+            f"{prep.dense['perplexity']:.2f} ({prep.dense['windows']} windows, "
+            f"{prep.dense['tokens']} tokens); model {prep.model_dir}"
         )
         ctx = DriverContext(
             specs=build_specs(cfg, plans, layout, prep.prepared), store=store, layout=layout,
@@ -207,6 +219,8 @@ def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | 
         if lease is not None:  # workers of an older attempt stop before writing
             ctx = dataclasses.replace(ctx, attempt=lease.attempt,
                                       specs=failfast.fence_specs(ctx.specs, lease.attempt, layout))
+        log(disk_line(estimate(cfg, plans, _prepared_params(cfg, prep.model_dir), layout.eval_windows)))
+        console.phase("running")
         tuner = _make_or_restore_tuner(cfg, plans, ctx, prep.dense_perplexity, log)
         try:
             tuner.fit()
@@ -214,16 +228,46 @@ def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | 
             stop = failfast.taken_over(lease, store, layout)
             if stop is None:
                 raise
-            log(str(stop))
             raise stop from e
         stop = failfast.taken_over(lease, store, layout)
         if stop is not None:
-            log(str(stop))
             raise stop
     finally:
         if owns:
             ray.shutdown()
+        _close_console(console, log)
     return _summarize(store, sweep_dir, log, time.perf_counter() - t0)
+
+
+def _open_console(layout: SweepLayout, plans, store: Store, verbose: bool, log: SweepLog):
+    """The live console (sweep.console): trial blocks once, a live status, Ray's own output in
+    logs/ray.log unless ``verbose``; the sweep's lines go through it while it runs."""
+    from sweep.console import RAY_LOG, RunConsole
+
+    console = RunConsole(layout, [p.trial_id for p in plans], store=store, verbose=verbose)
+    console.start()
+    log.out = console.print
+    if not verbose:
+        log(f"Ray's output: {store.display(layout.logs / RAY_LOG)} (--verbose shows it here)")
+    console.phase("starting Ray")
+    return console
+
+
+def _close_console(console, log: SweepLog) -> None:
+    log.out = None
+    console.close()
+
+
+def _prepared_params(cfg: SweepConfig, model_dir: str):
+    """The parameter count from the prepared model's safetensors headers when this machine
+    sees them (no model code imported), else from the config."""
+    from sweep.estimate import ParamCount, count_parameters, safetensors_parameters
+
+    try:
+        n = safetensors_parameters(Path(model_dir))
+    except OSError:
+        n = None
+    return ParamCount(n, "safetensors headers") if n is not None else count_parameters(cfg.model)
 
 
 def model_name(cfg: SweepConfig) -> str:
@@ -265,7 +309,7 @@ def _summarize(store: Store, sweep_dir: Path, log: SweepLog, wall_s: float) -> i
     return 1 if len(errored) or len(unfinished) else 0
 
 
-def resume_sweep(target: str, address: str | None) -> int:
+def resume_sweep(target: str, address: str | None, verbose: bool = False) -> int:
     """``target``: SWEEP_DIR, a local path or the sweep's URI in an object store."""
     if is_uri(target):
         remote = Remote(target)
@@ -284,7 +328,7 @@ def resume_sweep(target: str, address: str | None) -> int:
     cfg = load_sweep_config(sweep_dir)
     if sweep_dir.name != cfg.name:
         raise ConfigError([f"{target}: directory name does not match the sweep name {cfg.name!r}"])
-    return run_sweep(cfg, store, address, dry_run=False)
+    return run_sweep(cfg, store, address, dry_run=False, verbose=verbose)
 
 
 def config_from_args(path: str, overrides: list[str], shortcuts: dict) -> SweepConfig:

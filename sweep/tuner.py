@@ -86,7 +86,10 @@ def build_tuner(cfg: SweepConfig, plans: list[TrialPlan], ctx: DriverContext, mo
             **ctx.store.ray_storage(layout.root),
             callbacks=[callback, PlacementGroupReaper(), *logger_callbacks(cfg)],
             failure_config=tune.FailureConfig(max_failures=cfg.failure.trial_max_failures),
-            verbose=1,
+            # No status tables or result dumps from Tune (what it still prints lands in
+            # logs/ray.log): the console shows the trial blocks and a live status of its own
+            # (sweep.console).
+            verbose=0,
         ),
     )
     return tuner, n

@@ -93,17 +93,22 @@ def test_query_missing_dir(tmp_path, capsys):
 
 
 def test_changed_grid_is_refused_on_resume(tmp_path, capsys):
-    """A sweep directory continues only with a config that gives the same grid; resources
-    may change."""
+    """A sweep directory whose trials started continues only with a config that gives the same
+    grid; resources may change. (One whose trials never started may be replaced:
+    tests/test_failfast.py.)"""
     from sweep.config import load_config
+    from sweep.results import ResultsWriter
     from sweep.runner import check_resume_compatible, write_sweep_state
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     cfg = load_config(tiny, check_paths=False)
     sweep_dir = tmp_path / "tiny"
     write_sweep_state(cfg, sweep_dir)
-    check_resume_compatible(load_config(tiny, ["resources.max_concurrent_trials=1"]), sweep_dir)
     changed = load_config(tiny, ["grid.sparsity=[0.5, 0.9]", "train.base_lr=1e-4"])
+    assert check_resume_compatible(changed, sweep_dir) == ["grid.sparsity", "train.base_lr"]
+    ResultsWriter(sweep_dir).upsert_trial({"trial_id": "s0.5-b2", "status": "running"})
+    resized = load_config(tiny, ["resources.max_concurrent_trials=1"])
+    assert check_resume_compatible(resized, sweep_dir) is None
     with pytest.raises(ConfigError) as err:
         check_resume_compatible(changed, sweep_dir)
     assert "grid.sparsity" in str(err.value) and "train.base_lr" in str(err.value)

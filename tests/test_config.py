@@ -80,6 +80,10 @@ BAD_INPUTS = {
     "N:M in the grid": (with_model(grid={"pattern": ["2:4", "2-4"]}), "grid.pattern[1]"),
     "bad Literal": (with_model(prune={"method": "random"}), "prune.method"),
     "bad grid method": (with_model(grid={"method": ["random"]}), "grid.method[0]"),
+    "placement timeout 0": (
+        with_model(resources={"placement_timeout_s": 0}), "resources.placement_timeout_s"),
+    "over-subscription below 1": (
+        with_model(resources={"oversubscription": 0.5}), "resources.oversubscription"),
 }
 
 

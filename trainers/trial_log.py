@@ -1,7 +1,7 @@
 """What a trial prints, and keeps under SWEEP_DIR/logs/<trial_id>.log.
 
-Formatting is pure (tested on its own); ``TrialLog`` writes on rank 0 only, to stdout (Ray
-forwards it to the sweep's console) and appended to the trial's log file.
+Formatting is pure (tested on its own); ``TrialLog`` writes on rank 0 only, to stdout and
+appended to the trial's log file, which the sweep's driver tails to its console.
 """
 
 from __future__ import annotations
