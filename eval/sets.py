@@ -45,7 +45,7 @@ from typing import Any, Literal
 import torch
 
 from eval.perplexity import make_windows, tokenize_text
-from eval.text import TextSource, load_text
+from eval.text import TextSource, dataset_rows, load_text
 
 Protocol = Literal["sequential", "c4_wanda", "c4_sparsegpt"]
 PROTOCOLS: tuple[str, ...] = ("sequential", "c4_wanda", "c4_sparsegpt")
@@ -169,18 +169,7 @@ def load_documents(src: TextSource, limit: int | None = None) -> list[str]:
             )
         return _json_lines_documents(path, src.text_field, limit)
     if src.source == "dataset":
-        import datasets
-
-        if not src.dataset:
-            raise ValueError("a dataset text source needs a dataset name or directory")
-        ds = datasets.load_dataset(src.dataset, src.dataset_config, split=src.split)
-        if src.text_field not in ds.column_names:
-            raise ValueError(
-                f"dataset {src.dataset!r} split {src.split!r} has no column {src.text_field!r} "
-                f"(columns: {', '.join(ds.column_names)})"
-            )
-        rows = ds if limit is None else ds.select(range(min(limit, len(ds))))
-        return list(rows[src.text_field])
+        return dataset_rows(src, limit)
     raise ValueError(f"the {src.source!r} text source has no documents")
 
 

@@ -46,9 +46,9 @@ def _pydoc_topics(part: str) -> str:
     return ROW_SEPARATOR.join(str(topics[k]) for k in keys)
 
 
-def _dataset_text(src: TextSource) -> str:
-    """Rows of one split joined like the reference projects do."""
-    import datasets
+def dataset_rows(src: TextSource, limit: int | None = None) -> list[str]:
+    """The text column of one split of a datasets dataset (its first ``limit`` rows)."""
+    import datasets  # heavy, and needed only for dataset sources
 
     if not src.dataset:
         raise ValueError("a dataset text source needs a dataset name or directory")
@@ -58,7 +58,13 @@ def _dataset_text(src: TextSource) -> str:
             f"dataset {src.dataset!r} split {src.split!r} has no column {src.text_field!r} "
             f"(columns: {', '.join(ds.column_names)})"
         )
-    return ROW_SEPARATOR.join(ds[src.text_field])
+    rows = ds if limit is None else ds.select(range(min(limit, len(ds))))
+    return list(rows[src.text_field])
+
+
+def _dataset_text(src: TextSource) -> str:
+    """Rows of one split joined like the reference projects do."""
+    return ROW_SEPARATOR.join(dataset_rows(src))
 
 
 def load_text(src: TextSource) -> str:

@@ -12,7 +12,6 @@ The closed forms, written out independently of trainers.distill:
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import os
 
@@ -35,7 +34,7 @@ from trainers.distill import (
     squarehead_loss,
     teacher_memory_mb,
 )
-from trainers.parallel import enforce_masks, mask_gradients, shard_masks, shard_model
+from trainers.parallel import shard_masks, shard_model
 from trainers.spec import DistillConfig
 from trainers.step import train_step
 
@@ -79,38 +78,6 @@ def data() -> torch.Tensor:
 
 def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-# trainers/step.py's train_step, with the per-micro-batch objective as a parameter (the change
-# proposed for step.py). Until step.py has it, this copy is what runs; the copy is checked
-# against the real train_step with CE below, so the two cannot drift apart unnoticed.
-if "loss_fn" in inspect.signature(train_step).parameters:
-    step_with_loss = train_step
-else:
-
-    def step_with_loss(model, optimizer, blocks, micro, pruned, lr, max_grad_norm, device,
-                       loss_fn=ce_loss):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        total = sum(len(m) for m in micro)
-        loss_sum = 0.0
-        for idx in micro:
-            batch = blocks[idx].to(device)
-            loss = loss_fn(model, batch)
-            weight = len(idx) / total
-            (loss * weight).backward()
-            loss_sum += loss.item() * weight
-        mask_gradients(model, pruned)
-        if max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            if hasattr(norm, "full_tensor"):
-                norm = norm.full_tensor()
-            if not math.isfinite(float(norm)):
-                loss_sum = float("nan")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        enforce_masks(model, pruned)
-        return loss_sum
 
 
 # -- the spec --------------------------------------------------------------------------------
@@ -271,17 +238,22 @@ def test_squarehead_compares_block_outputs_against_hooks():
 # -- the training step -----------------------------------------------------------------------
 
 
-def test_step_copy_matches_train_step():
+def test_logits_with_alpha_1_is_todays_ce_step_exactly():
+    """Two whole optimizer steps (accumulation, clipping, AdamW with weight decay, masks): the
+    logits objective at alpha 1 leaves exactly the weights plain CE leaves."""
     masks = magnitude_masks_ref(tiny_model(), 0.5)
     blocks = data()
+    teacher = tiny_model(seed=1)
     out = []
-    for fn in (train_step, step_with_loss):
+    for loss_fn in (None, make_loss_fn(teacher, DistillConfig("logits", alpha=1.0))):
         model = pruned_student(masks)
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
         pruned = shard_masks(model, masks)
         for step in range(2):
             idx = worker_batch(step, BATCH, N_BLOCKS, seed=0, rank=0, world_size=1)
-            fn(model, opt, blocks, micro_batches(idx, 2), pruned, LR, 1.0, torch.device("cpu"))
+            extra = {} if loss_fn is None else {"loss_fn": loss_fn}
+            train_step(model, opt, blocks, micro_batches(idx, 2), pruned, LR, 1.0,
+                       torch.device("cpu"), **extra)
         out.append(model.state_dict())
     for name, w in out[0].items():
         assert torch.equal(out[1][name], w), name
@@ -299,7 +271,7 @@ def test_distillation_steps_keep_masks_exact_and_leave_the_teacher_alone(kind):
     blocks, losses = data(), []
     for step in range(3):
         idx = worker_batch(step, BATCH, N_BLOCKS, seed=0, rank=0, world_size=1)
-        losses.append(step_with_loss(student, opt, blocks, micro_batches(idx, 2), pruned, LR,
+        losses.append(train_step(student, opt, blocks, micro_batches(idx, 2), pruned, LR,
                                      1.0, torch.device("cpu"), loss_fn=loss_fn))
         parts = loss_fn.pop_parts()
         assert set(parts) == {"ce", "kl" if kind == "logits" else "squarehead"}
@@ -362,7 +334,7 @@ def _run(kind: str, masks, rank: int, world: int) -> dict:
                            .clone() for n, p in student.named_parameters()}
             opt.zero_grad()
             loss_fn.pop_parts()
-        losses.append(step_with_loss(student, opt, blocks, micro_batches(idx, ACCUM), pruned,
+        losses.append(train_step(student, opt, blocks, micro_batches(idx, ACCUM), pruned,
                                      LR, 1.0, torch.device("cpu"), loss_fn=loss_fn))
         parts.append(loss_fn.pop_parts())
     full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()

@@ -20,10 +20,8 @@ import torch
 from torch import nn
 
 from trainers.prune import (
-    _capture_block_inputs,
-    _check_uniform_layers,
     _input_sq_norms,
-    _run_block,
+    calibrated_blocks,
     decoder_blocks,
     prunable_linears,
     wanda_scores,
@@ -44,34 +42,19 @@ def outlier_ratios(
     squared inputs and the sum used here differ by one factor for the whole block, which
     cancels in score / mean.
     """
-    if calib_input_ids.dim() != 2 or calib_input_ids.shape[0] == 0:
-        raise ValueError(
-            f"calib_input_ids must be [S, T] with S >= 1, got {tuple(calib_input_ids.shape)}"
-        )
-    _check_uniform_layers(model)
-    names = {id(lin): name for name, lin in prunable_linears(model).items()}
-    _, blocks = decoder_blocks(model)
-    was_training = model.training
-    model.eval()
     ratios = []
-    try:
-        inputs = _capture_block_inputs(model, blocks[0], calib_input_ids, batch_size)
-        for block in blocks:
-            linears = {names[id(m)]: m for m in block.modules() if id(m) in names}
-            sq_norms = _input_sq_norms(block, linears, inputs)
-            total, count = 0.0, 0
-            for name, lin in linears.items():  # one layer's scores at a time, never the block's
-                total += wanda_scores(lin.weight, sq_norms[name]).sum(dtype=torch.float64).item()
-                count += lin.weight.numel()
-            threshold = M * total / count
-            outliers = sum(
-                int((wanda_scores(lin.weight, sq_norms[name]) > threshold).sum())
-                for name, lin in linears.items()
-            )
-            ratios.append(outliers / count)
-            _run_block(block, inputs)
-    finally:
-        model.train(was_training)
+    for block, linears, inputs in calibrated_blocks(model, calib_input_ids, batch_size):
+        sq_norms = _input_sq_norms(block, linears, inputs)
+        total, count = 0.0, 0
+        for name, lin in linears.items():  # one layer's scores at a time, never the block's
+            total += wanda_scores(lin.weight, sq_norms[name]).sum(dtype=torch.float64).item()
+            count += lin.weight.numel()
+        threshold = M * total / count
+        outliers = sum(
+            int((wanda_scores(lin.weight, sq_norms[name]) > threshold).sum())
+            for name, lin in linears.items()
+        )
+        ratios.append(outliers / count)
     return ratios
 
 

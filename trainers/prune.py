@@ -292,6 +292,28 @@ def _check_uniform_layers(model: nn.Module) -> None:
         )
 
 
+def calibrated_blocks(model: nn.Module, calib_input_ids: torch.Tensor, batch_size: int = 8):
+    """Walk the decoder blocks with their calibration inputs, the way Wanda, SparseGPT and
+    OWL all do: yields ``(block, {name: Linear}, inputs)`` for each block, and once the caller
+    is done with it (pruned it, or only measured it) replaces the inputs by that block's
+    outputs, so every block sees what the blocks before it now produce. ``batch_size``
+    calibration sequences go through a block at a time; the model is in eval mode meanwhile."""
+    if calib_input_ids.dim() != 2 or calib_input_ids.shape[0] == 0:
+        raise ValueError(f"calib_input_ids must be [S, T] with S >= 1, got {tuple(calib_input_ids.shape)}")
+    _check_uniform_layers(model)
+    names = {id(lin): name for name, lin in prunable_linears(model).items()}
+    _, blocks = decoder_blocks(model)
+    was_training = model.training
+    model.eval()
+    try:
+        inputs = _capture_block_inputs(model, blocks[0], calib_input_ids, batch_size)
+        for block in blocks:
+            yield block, {names[id(m)]: m for m in block.modules() if id(m) in names}, inputs
+            _run_block(block, inputs)
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def wanda_masks(
     model: nn.Module,
@@ -309,28 +331,14 @@ def wanda_masks(
     ``batch_size`` calibration sequences go through a block at a time, to bound memory.
     ``sparsity``: one value for every layer, or {layer name: value} (e.g. OWL's, per block).
     """
-    linears_by_name = prunable_linears(model)
-    per_layer = resolve_layer_sparsity(sparsity, pattern, linears_by_name)
-    if calib_input_ids.dim() != 2 or calib_input_ids.shape[0] == 0:
-        raise ValueError(f"calib_input_ids must be [S, T] with S >= 1, got {tuple(calib_input_ids.shape)}")
-    _check_uniform_layers(model)
-    names = {id(lin): name for name, lin in linears_by_name.items()}
-    _, blocks = decoder_blocks(model)
-    was_training = model.training
-    model.eval()
+    per_layer = resolve_layer_sparsity(sparsity, pattern, prunable_linears(model))
     masks: Masks = {}
-    try:
-        inputs = _capture_block_inputs(model, blocks[0], calib_input_ids, batch_size)
-        for block in blocks:
-            linears = {names[id(m)]: m for m in block.modules() if id(m) in names}
-            sq_norms = _input_sq_norms(block, linears, inputs)
-            for name, lin in linears.items():
-                score = wanda_scores(lin.weight, sq_norms[name])
-                masks[name] = mask_from_scores(score, per_layer[name], pattern, per_row=True)
-                lin.weight.masked_fill_(~masks[name], 0)
-            _run_block(block, inputs)
-    finally:
-        model.train(was_training)
+    for block, linears, inputs in calibrated_blocks(model, calib_input_ids, batch_size):
+        sq_norms = _input_sq_norms(block, linears, inputs)
+        for name, lin in linears.items():
+            score = wanda_scores(lin.weight, sq_norms[name])
+            masks[name] = mask_from_scores(score, per_layer[name], pattern, per_row=True)
+            lin.weight.masked_fill_(~masks[name], 0)
     return masks
 
 

@@ -41,12 +41,9 @@ from torch import nn
 from trainers.prune import (
     BlockInputs,
     Masks,
-    _capture_block_inputs,
-    _check_uniform_layers,
     _mask_lowest,
     _mask_whole,
-    _run_block,
-    decoder_blocks,
+    calibrated_blocks,
     prunable_linears,
     pruned_count,
     resolve_layer_sparsity,
@@ -263,36 +260,20 @@ def sparsegpt_masks(
     weights change too: the returned masks reproduce the zeros of the pruned model, but the
     pruned model itself (its weights) is the result, a dense model with these masks is not.
     """
-    linears_by_name = prunable_linears(model)
-    per_layer = resolve_layer_sparsity(sparsity, pattern, linears_by_name)
-    if calib_input_ids.dim() != 2 or calib_input_ids.shape[0] == 0:
-        raise ValueError(
-            f"calib_input_ids must be [S, T] with S >= 1, got {tuple(calib_input_ids.shape)}"
-        )
-    _check_uniform_layers(model)
-    names = {id(lin): name for name, lin in linears_by_name.items()}
-    _, blocks = decoder_blocks(model)
-    was_training = model.training
-    model.eval()
+    per_layer = resolve_layer_sparsity(sparsity, pattern, prunable_linears(model))
     masks: Masks = {}
-    try:
-        inputs = _capture_block_inputs(model, blocks[0], calib_input_ids, batch_size)
-        for block in blocks:
-            linears = {names[id(m)]: m for m in block.modules() if id(m) in names}
-            hessians, owner = _block_hessians(block, linears, inputs)
-            last_user = {owner[name]: name for name in linears}  # in the order pruned below
-            factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            for name, lin in linears.items():
-                key = owner[name]
-                if key not in factors:  # each Hessian becomes its factor once, then is freed
-                    factors[key] = inverse_hessian_factor(hessians.pop(key), percdamp)
-                pruned, masks[name] = prune_with_factor(
-                    lin.weight, *factors[key], per_layer[name], pattern, blocksize
-                )
-                lin.weight.copy_(pruned)
-                if last_user[key] == name:
-                    del factors[key]
-            _run_block(block, inputs)
-    finally:
-        model.train(was_training)
+    for block, linears, inputs in calibrated_blocks(model, calib_input_ids, batch_size):
+        hessians, owner = _block_hessians(block, linears, inputs)
+        last_user = {owner[name]: name for name in linears}  # in the order pruned below
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, lin in linears.items():
+            key = owner[name]
+            if key not in factors:  # each Hessian becomes its factor once, then is freed
+                factors[key] = inverse_hessian_factor(hessians.pop(key), percdamp)
+            pruned, masks[name] = prune_with_factor(
+                lin.weight, *factors[key], per_layer[name], pattern, blocksize
+            )
+            lin.weight.copy_(pruned)
+            if last_user[key] == name:
+                del factors[key]
     return masks
