@@ -262,31 +262,12 @@ class RunConsole:
             return None
 
     def _announce(self, st: SweepStatus) -> None:
-        """A line for what no trial log says: a trial that errored (its traceback is Ray's)."""
-        for t in st.trials:
-            before = self._seen.get(t.trial_id)
-            if t.status == "errored" and before is not None and before[0] != "errored":
-                where = self.layout.logs / RAY_LOG if self.capture else "the output above"
-                self._write(f"[{t.trial_id}] errored: {t.stop_reason or 'see Ray log'} "
-                            f"(Ray's traceback: {where})")
-            self._seen[t.trial_id] = (t.status, t.epochs_completed)
+        where = self.layout.logs / RAY_LOG if self.capture else "the output above"
+        for line in newly_errored(st, self._seen, where):
+            self._write(line)
 
     def _pull_logs(self, st: SweepStatus) -> None:
-        """Object store: a trial's log reaches the driver through the store (rank 0 pushes it
-        with every evaluation); pull it when the results moved on and the store's copy is
-        longer than ours (a worker on this machine writes ours directly)."""
-        for t in st.trials:
-            key = (t.status, t.epochs_completed)
-            if self._seen.get(t.trial_id) == key:
-                continue
-            path = self.layout.trial_log(t.trial_id)
-            rel = self.store.rel(path)
-            try:
-                info = self.store.remote.fs.get_file_info(self.store.remote.path(rel))
-                if info.size is not None and info.size > _size(path):
-                    self.store.pull(path)
-            except Exception:  # noqa: BLE001 - the next result tries again
-                continue
+        pull_newer_logs(self.store, self.layout, st, self._seen)
 
     def _heartbeat(self, st: SweepStatus) -> None:
         """Plain output: each preparation step once, then a status line whenever the console
@@ -306,21 +287,7 @@ class RunConsole:
             self._write(status_line(st))
 
     def _renderable(self):
-        from rich.table import Table
-        from rich.text import Text
-
-        st = self.status
-        if st is None or (self.phase_text and self.phase_text != "running"):
-            what = self.phase_text or "starting"
-            if st is not None and st.prep and self.phase_text == "preparing":
-                what = f"preparing: {st.prep}"
-            return Text(f"{what} ...", style="bold")
-        table = Table.grid(padding=(0, 2))
-        table.add_row(Text(counts_text(st), style="bold"))
-        for t in st.trials:
-            if t.status == "running":
-                table.add_row(Text("  " + running_text(t)))
-        return table
+        return live_view(self.status, self.phase_text)
 
 
 def _isatty(stream) -> bool:
@@ -328,3 +295,58 @@ def _isatty(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def pull_newer_logs(store: Store, layout: SweepLayout, st: SweepStatus, seen: dict) -> None:
+    """Object store: a trial's log reaches the driver through the store (rank 0 pushes it
+    with every evaluation); pull it when the trial's results moved on since ``seen`` and the
+    store's copy is longer than ours (a worker on this machine writes ours directly)."""
+    for t in st.trials:
+        if seen.get(t.trial_id) == (t.status, t.epochs_completed):
+            continue
+        path = layout.trial_log(t.trial_id)
+        try:
+            info = store.remote.fs.get_file_info(store.remote.path(store.rel(path)))
+            if info.size is not None and info.size > _size(path):
+                store.pull(path)
+        except Exception:  # noqa: BLE001 - the next result tries again
+            continue
+
+
+def live_view(st: SweepStatus | None, phase_text: str | None):
+    """What the live display shows: the phase before the grid runs, then the counts and one
+    line per running trial."""
+    from rich.table import Table
+    from rich.text import Text
+
+    if st is None or (phase_text and phase_text != "running"):
+        what = phase_text or "starting"
+        if st is not None and st.prep and phase_text == "preparing":
+            what = f"preparing: {st.prep}"
+        return Text(f"{what} ...", style="bold")
+    table = Table.grid(padding=(0, 2))
+    table.add_row(Text(counts_text(st), style="bold"))
+    for t in st.trials:
+        if t.status == "running":
+            table.add_row(Text("  " + running_text(t)))
+    return table
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def newly_errored(st: SweepStatus, seen: dict, where) -> list[str]:
+    """A line for what no trial log says: a trial that errored since the last look (its
+    traceback is Ray's, in ``where``). Updates ``seen`` (trial id -> (status, epochs))."""
+    lines = []
+    for t in st.trials:
+        before = seen.get(t.trial_id)
+        if t.status == "errored" and before is not None and before[0] != "errored":
+            lines.append(f"[{t.trial_id}] errored: {t.stop_reason or 'see Ray log'} "
+                         f"(Ray's traceback: {where})")
+        seen[t.trial_id] = (t.status, t.epochs_completed)
+    return lines
