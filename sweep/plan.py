@@ -118,14 +118,23 @@ def expand(cfg: SweepConfig) -> list[TrialPlan]:
     return plans
 
 
+def recipe_text(p: TrialPlan) -> str:
+    """``magnitude``, ``wanda 2:4``, ``sparsegpt owl +squarehead``: how a trial is pruned and
+    what it recovers with, when that is not the default."""
+    return " ".join(x for x in (p.method, p.pattern, None if p.layerwise == "uniform" else p.layerwise,
+                                None if p.distill == "none" else f"+{p.distill}") if x)
+
+
 def format_plan(plans: list[TrialPlan]) -> str:
-    header = f"{'trial':<24} {'method':<10} {'sparsity':>8} {'batch':>5} {'steps/ep':>8} {'epochs':>6} {'lr':>10} {'workers':>7} {'accum':>5}"
+    tid_w = max([24] + [len(p.trial_id) for p in plans])
+    rec_w = max([10] + [len(recipe_text(p)) for p in plans])
+    header = (f"{'trial':<{tid_w}} {'method':<{rec_w}} {'sparsity':>8} {'batch':>5} {'steps/ep':>8} "
+              f"{'epochs':>6} {'lr':>10} {'workers':>7} {'accum':>5}")
     rows = [header, "-" * len(header)]
     for p in plans:
-        method = p.method + (f" {p.pattern}" if p.pattern else "")
         rows.append(
-            f"{p.trial_id:<24} {method:<10} {p.sparsity:>8.3f} {p.batch_size:>5} {p.steps_per_epoch:>8} "
-            f"{p.num_epochs:>6} {p.lr:>10.3e} {p.workers:>7} {p.grad_accum:>5}"
+            f"{p.trial_id:<{tid_w}} {recipe_text(p):<{rec_w}} {p.sparsity:>8.3f} {p.batch_size:>5} "
+            f"{p.steps_per_epoch:>8} {p.num_epochs:>6} {p.lr:>10.3e} {p.workers:>7} {p.grad_accum:>5}"
         )
     return "\n".join(rows)
 
