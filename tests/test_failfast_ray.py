@@ -158,6 +158,15 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+def _driver_env() -> dict:
+    """The driver subprocess joins the cluster in this process's authentication mode: a
+    cluster started from a process that ran a local Ray before (as a whole test session does)
+    may require Ray's token, and a token-mode client breaks a cluster without one."""
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    return {**os.environ, **({"RAY_AUTH_MODE": "token"} if is_token_auth_enabled() else {})}
+
+
 def _step(sweep_dir: Path) -> int:
     try:
         return json.loads(SweepLayout.of(sweep_dir).progress(TID).read_text())["step"]
@@ -175,7 +184,7 @@ def test_a_live_driver_refuses_a_second_and_a_taken_over_one_stops_writing(
          str(tmp_path), "--address", cluster.address, *ONE_TRIAL,
          "--set", "train.base_samples=4000", "--set", "checkpoint.every_steps=4"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+        start_new_session=True, env=_driver_env())
     try:
         deadline = time.time() + 300
         epochs = results_dir(sweep_dir) / EPOCHS_FILE  # the baseline's row is written

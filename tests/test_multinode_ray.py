@@ -58,7 +58,9 @@ def test_trials_run_on_both_nodes(two_nodes, tmp_path):
         (m, b) for m in ("magnitude", "wanda") for b in (2, 4)
     }
     assert {r["method"] for r in epochs} == {"magnitude", "wanda"}
-    masks = sorted(p.name for p in (sweep_dir / "prep" / "masks").iterdir())
-    assert masks == ["magnitude-s0.5.safetensors", "wanda-s0.5.safetensors"]  # once per mask
+    files = sorted(p.name for p in (sweep_dir / "prep" / "masks").iterdir())
+    # Once per mask, each with its recipe record; no pruned weights (neither method changes them).
+    assert files == ["magnitude-s0.5.json", "magnitude-s0.5.safetensors",
+                     "wanda-s0.5.json", "wanda-s0.5.safetensors"]
     for r in epochs:
         assert r["sparsity_actual"] == pytest.approx(0.5, abs=1e-3)
