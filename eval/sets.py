@@ -45,7 +45,7 @@ from typing import Any, Literal
 import torch
 
 from eval.perplexity import make_windows, tokenize_text
-from eval.text import TextSource, dataset_rows, load_text
+from eval.text import TextSource, dataset_rows, load_text, source_file
 
 Protocol = Literal["sequential", "c4_wanda", "c4_sparsegpt"]
 PROTOCOLS: tuple[str, ...] = ("sequential", "c4_wanda", "c4_sparsegpt")
@@ -157,11 +157,7 @@ def load_documents(src: TextSource, limit: int | None = None) -> list[str]:
     """The source's documents in order, at most ``limit``: the lines of a JSON-lines file
     (``src.text_field`` of each object) or the rows of a dataset split."""
     if src.source == "file":
-        if not src.path:
-            raise ValueError("a file text source needs a path")
-        path = Path(src.path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"text file not found: {path}")
+        path = source_file(src)
         if not _is_json_lines(path):
             raise ValueError(
                 f"{path}: documents are read from JSON lines ({', '.join(JSON_LINES_SUFFIXES)}); "

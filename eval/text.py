@@ -67,14 +67,20 @@ def _dataset_text(src: TextSource) -> str:
     return ROW_SEPARATOR.join(dataset_rows(src))
 
 
+def source_file(src: TextSource) -> Path:
+    """The existing file of a file text source (ValueError / FileNotFoundError naming it)."""
+    if not src.path:
+        raise ValueError("a file text source needs a path")
+    path = Path(src.path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    return path
+
+
 def load_text(src: TextSource) -> str:
     """The text of ``src`` as one string, cut to ``src.max_chars`` characters."""
     if src.source == "file":
-        if not src.path:
-            raise ValueError("a file text source needs a path")
-        path = Path(src.path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"text file not found: {path}")
+        path = source_file(src)
         # Bytes, then decode: read_text would translate "\r\n" and the text must be verbatim.
         text = path.read_bytes().decode("utf-8")
     elif src.source == "dataset":
