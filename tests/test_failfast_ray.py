@@ -216,9 +216,14 @@ def test_a_live_driver_refuses_a_second_and_a_taken_over_one_stops_writing(
         # renewal ("attempt 2 (host ..., pid ...) took ..."), whichever came first.
         assert re.search(r"attempt 2 (\(host .*\) )?took the sweep over; this driver \(attempt 1\) "
                          "stopped its trials", out), out[-4000:]
+        # Whoever notices first ends the trial: the worker's fence before its next checkpoint
+        # (it logs why it stopped) or the driver, which stops the trial (checking every
+        # FENCE_CHECK_S between Tune events). On a loaded machine a checkpoint can outlast that
+        # check, so either order is correct; what must hold is that nothing is written after
+        # the takeover (below). The worker's side alone is tested in test_failfast.py.
         trial_log = layout.trial_log(TID).read_text()
-        assert ("stopped without writing: driver attempt 2 now runs this sweep; this worker "
-                "belongs to attempt 1") in trial_log
+        fenced = "stopped without writing: driver attempt 2 now runs this sweep; this worker belongs to attempt 1"
+        assert fenced in trial_log or "stopped without writing" not in trial_log, trial_log[-2000:]
         # No row after the takeover, and at most the one checkpoint in flight when it came.
         assert {p.name: p.stat().st_mtime for p in layout.results.iterdir()} == results_before
         assert [r["epoch"] for r in _rows(sweep_dir, EPOCHS_FILE)] == [0]
