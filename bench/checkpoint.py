@@ -217,7 +217,8 @@ def _stall_rows(setup, root: Path, repeats: int, sparsity: float, every: int = 4
             met=r is not None and r <= 0.10,
             note=f"async {fmt(a)}; sync sparse {fmt(s)}; today's sync {fmt(t)} (async / "
                  f"today {ratio(a['median'], t['median']):.3g}); a save every {every} steps",
-            details={"async_stall_s": a, "sync_sparse_s": s, "today_sync_s": t}))
+            details={"async_stall_s": a, "sync_sparse_s": s, "today_sync_s": t},
+            a_stats=a, b_stats=s))
     if busy_steps and idle_steps:
         b, d = _stats(busy_steps), _stats(idle_steps)
         # What an async save costs the loop in all: its stall plus the time the steps it
@@ -234,7 +235,8 @@ def _stall_rows(setup, root: Path, repeats: int, sparsity: float, every: int = 4
             "checkpoint", f"step time at {pct}% while a save is in flight (busy / idle)", "busy",
             b["median"], "idle", d["median"], ratio(b["median"], d["median"]), unit="s",
             note=f"the background copy and write share the CPU cores; {b['n']} busy, "
-                 f"{d['n']} idle steps", details={"busy_step_s": b, "idle_step_s": d}))
+                 f"{d['n']} idle steps", details={"busy_step_s": b, "idle_step_s": d},
+            a_stats=b, b_stats=d))
     return rows
 
 
@@ -253,7 +255,7 @@ def run(repeats: int = REPEATS) -> list[Row]:
 
 
 def bench_checkpoint(ctx=None) -> list[Row]:
-    return run()
+    return run(3 if ctx and ctx.get("quick") else REPEATS)
 
 
 if __name__ == "__main__":

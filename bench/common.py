@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,9 +44,36 @@ class Row:
     met: bool | None = None
     note: str = ""
     details: dict = field(default_factory=dict)
+    a_stats: dict | None = None  # stats() of the repetitions behind ``a`` (its median)
+    b_stats: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+REPEATS = 3  # every timing figure of `make bench` is the median of at least this many runs
+
+
+def repeats(ctx) -> int:
+    """Repetitions per timing figure: ``REPEATS``, or 1 with ``--quick`` (n=1 in the table)."""
+    return 1 if ctx.get("quick") else REPEATS
+
+
+def stats(xs: list[float]) -> dict:
+    """Median, min, max and count of repeated measurements (None values dropped)."""
+    xs = [float(x) for x in xs if x is not None]
+    if not xs:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def timed_row(bench: str, name: str, a_label: str, a: list[float], b_label: str,
+              b: list[float], **kw) -> Row:
+    """A row of two repeated measurements: medians side by side, their spread shown; the
+    ratio is of the medians."""
+    sa, sb = stats(a), stats(b)
+    return Row(bench, name, a_label, sa["median"], b_label, sb["median"],
+               ratio(sa["median"], sb["median"]), a_stats=sa, b_stats=sb, **kw)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -142,15 +170,23 @@ def fmt(v, unit: str = "") -> str:
     return f"{s} {unit}".strip()
 
 
+def _with_spread(v, st: dict | None, unit: str) -> str:
+    """``median unit [min-max, n=N]`` for a repeated measurement, the value alone otherwise."""
+    if not st or not st.get("n") or st["n"] < 2:
+        return fmt(v, unit)
+    return f"{fmt(v, unit)} [{fmt(st['min'])}-{fmt(st['max'])}, n={st['n']}]"
+
+
 def format_table(rows: list[Row]) -> str:
-    head = ["benchmark", "measured (a)", "against (b)", "ratio a/b", "goal", "met"]
+    head = ["benchmark", "measured (a): median [min-max]", "against (b)", "ratio a/b", "goal",
+            "met"]
     lines = []
     for r in rows:
         met = "-" if r.met is None else ("yes" if r.met else "NO")
         lines.append([
             r.name,
-            f"{r.a_label} {fmt(r.a, r.unit)}",
-            f"{r.b_label} {fmt(r.b, r.unit)}",
+            f"{r.a_label} {_with_spread(r.a, r.a_stats, r.unit)}",
+            f"{r.b_label} {_with_spread(r.b, r.b_stats, r.unit)}",
             fmt(r.ratio) if r.ratio is None else f"{r.ratio:.3g}",
             r.goal or "(info)",
             met,

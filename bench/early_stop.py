@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import OUT_DIR, ROOT, Row, format_table, ratio, run_job
+from bench.common import OUT_DIR, ROOT, Row, format_table, ratio, repeats, run_job, timed_row
 
 CONFIG = ROOT / "configs" / "tiny-early-stop.yaml"
 
@@ -42,26 +42,33 @@ def bench_early_stop(ctx) -> list[Row]:
     off = json.loads(json.dumps(base))
     off["name"] = "no-early-stop"
     off["early_stop"] = {"scheduler": "none", "plateau_patience": None, "diverge_factor": None}
-    out = {}
-    for label, cfg in (("with", base), ("without", off)):
-        storage = Path(ctx["tmp"]) / f"early-{label}"
-        storage.mkdir(parents=True, exist_ok=True)
-        res = run_job("sweep", {"config": cfg, "storage": str(storage)}, timeout=900)
-        if res["rc"] != 0:
-            raise RuntimeError(f"the sweep {label} early stopping ended with rc={res['rc']}")
-        out[label] = _summary(res)
-    w, wo = out["with"], out["without"]
-    same = w["best_trial"] == wo["best_trial"]
+    runs: dict[str, list[dict]] = {"with": [], "without": []}
+    for i in range(repeats(ctx)):  # alternated: both see the same load
+        for label, cfg in (("with", base), ("without", off)):
+            storage = Path(ctx["tmp"]) / f"early-{label}-{i}"
+            storage.mkdir(parents=True, exist_ok=True)
+            res = run_job("sweep", {"config": cfg, "storage": str(storage)}, timeout=900)
+            if res["rc"] != 0:
+                raise RuntimeError(f"the sweep {label} early stopping ended with rc={res['rc']}")
+            runs[label].append(_summary(res))
+    w, wo = runs["with"][-1], runs["without"][-1]
+    same = all(a["best_trial"] == b["best_trial"]
+               for a, b in zip(runs["with"], runs["without"], strict=True))
+    epochs = {k: sorted({r["trial_epochs"] for r in v}) for k, v in runs.items()}
     note = (f"best trial with: {w['best_trial']} ({w['best_perplexity']:.2f}), without: "
-            f"{wo['best_trial']} ({wo['best_perplexity']:.2f}) -> {'same' if same else 'DIFFERENT'}; "
-            f"stopped: {sorted(t for t, s in w['statuses'].items() if s != 'completed')}; "
-            f"sweep wall {w['wall_s']:.0f} s vs {wo['wall_s']:.0f} s")
+            f"{wo['best_trial']} ({wo['best_perplexity']:.2f}) -> "
+            f"{'same' if same else 'DIFFERENT'} in every run; trial-epochs seen {epochs}; "
+            f"stopped: {sorted(t for t, s in w['statuses'].items() if s != 'completed')}")
     return [
         Row("early_stop", "early stopping: trial-epochs", "with", w["trial_epochs"], "without",
             wo["trial_epochs"], ratio(w["trial_epochs"], wo["trial_epochs"]), goal="< 1 (info)",
-            note=note, details=out),
-        Row("early_stop", "early stopping: worker-seconds", "with", w["worker_s"], "without",
-            wo["worker_s"], ratio(w["worker_s"], wo["worker_s"]), unit="s", goal="< 1 (info)"),
+            note=note, details=runs),
+        timed_row("early_stop", "early stopping: worker-seconds", "with",
+                  [r["worker_s"] for r in runs["with"]], "without",
+                  [r["worker_s"] for r in runs["without"]], unit="s", goal="< 1 (info)"),
+        timed_row("early_stop", "early stopping: sweep wall", "with",
+                  [r["wall_s"] for r in runs["with"]], "without",
+                  [r["wall_s"] for r in runs["without"]], unit="s", goal="< 1 (info)"),
     ]
 
 

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from bench.common import TINY, Row, ratio
+from bench.common import TINY, Row, ratio, stats
 
 INNER = 3  # evaluations per timed unit: a unit of ~0.1 s alone is at the mercy of the scheduler
 
@@ -96,6 +96,8 @@ def bench_evaluation(ctx) -> list[Row]:
     tps = {bs: tokens / statistics.median(s) for bs, s in one["seconds"].items()}
     tps2 = two["tokens"] / statistics.median(two["seconds"][8])
     r = ratio(tps[8], tps[1])
+    st = {bs: stats([tokens / x for x in secs]) for bs, secs in one["seconds"].items()}
+    st2 = stats([two["tokens"] / x for x in two["seconds"][8]])
     same = abs(one["perplexity"][1] - one["perplexity"][8]) <= 1e-6 * one["perplexity"][1]
     same2 = abs(two["perplexity"][8] - one["perplexity"][8]) <= 1e-6 * one["perplexity"][8]
     details = {"windows": n, "window_tokens": 64, "repeats": repeats, "scored_tokens": tokens,
@@ -108,9 +110,10 @@ def bench_evaluation(ctx) -> list[Row]:
             unit="tok/s", goal=">= 1.5x", met=r is not None and r >= 1.5,
             note=f"{n} windows of 64 tokens, 1 thread, median of {repeats}x{INNER} passes; perplexity "
                  f"{'identical' if same else 'DIFFERS'} across batch sizes",
-            details=details),
+            details=details, a_stats=st[8], b_stats=st[1]),
         Row("evaluation", "evaluation 2 workers / 1 (bs 8)", "2 procs", tps2, "1 proc", tps[8],
             ratio(tps2, tps[8]), unit="tok/s", goal="ideal 2.0 (info)",
             note=f"2 gloo ranks x 1 thread on this 2-core (shared) machine; perplexity "
-                 f"{'identical' if same2 else 'DIFFERS'} to 1 process"),
+                 f"{'identical' if same2 else 'DIFFERS'} to 1 process",
+            a_stats=st2, b_stats=st[8]),
     ]

@@ -22,6 +22,8 @@ from bench.common import OUT_DIR, Row, format_table
 
 
 def _benches():
+    from bench.checkpoint import bench_checkpoint
+    from bench.e2e import bench_end_to_end
     from bench.early_stop import bench_early_stop
     from bench.evaluation import bench_evaluation
     from bench.fsdp_memory import bench_fsdp_memory
@@ -35,11 +37,13 @@ def _benches():
         "utilization": bench_utilization,
         "fsdp_memory": bench_fsdp_memory,
         "early_stop": bench_early_stop,
+        "checkpoint": bench_checkpoint,
+        "end_to_end": bench_end_to_end,
     }
 
 
 NAMES = ["trial_efficiency", "fixed_cost", "evaluation", "utilization", "fsdp_memory",
-         "early_stop"]
+         "early_stop", "checkpoint", "end_to_end"]
 
 
 def main(argv: list[str] | None = None) -> int:

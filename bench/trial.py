@@ -7,15 +7,15 @@ fixed_cost        seconds from the trial's start (Tune) to its first training st
                   empty TorchTrainer.fit() on a fresh cluster; where those seconds go; the
                   effect of RAY_TRAIN_HEALTH_CHECK_INTERVAL_S.
 
-Both read the same 1x1 sweep (tiny model, sparsity 0.5, batch 4, 1 worker, 2 epochs), run once.
+Both read the same 1x1 sweeps (tiny model, sparsity 0.5, batch 4, 1 worker, 2 epochs), run
+``REPEATS`` times (alternated with the bare runs); each figure is the median with its spread.
 """
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
-from bench.common import Row, ratio, run_job, tiny_sweep_dict
+from bench.common import Row, repeats, run_job, stats, timed_row, tiny_sweep_dict
 
 TRIAL = "s0.5-b4"
 HEALTH_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -61,43 +61,38 @@ def _epoch(res: dict, epoch: int) -> dict:
 
 def bench_trial_efficiency(ctx) -> list[Row]:
     spe = steps_per_epoch(ctx)
-    cfg, storage = _config(ctx, "default"), _storage(ctx, "default")
+    cfg, storage = _config(ctx, "default-0"), _storage(ctx, "default-0")
     sweep_dir = str(storage / cfg["name"])
     # The sweep's own prepare step, run first: the bare loop then uses exactly the sweep's
-    # model, masks and tokens, and can be timed before the sweep as well as after it.
+    # model, masks and tokens, and can be timed between the sweeps.
     run_job("prepare", {"config": cfg, "storage": str(storage)}, timeout=240)
     args = {"sweep_dir": sweep_dir, "config": cfg, "trial_id": TRIAL, "warmup": 20,
             "first_step": spe, "steps": spe}
+    plain, fsdp, sweep, sweep1 = [], [], [], []
 
-    def bare_pair() -> tuple[float, float]:
-        plain = run_job("bare_train", args, timeout=240)["tokens_per_s"]
-        fsdp = run_job("bare_train", {**args, "fsdp": True}, timeout=240)["tokens_per_s"]
-        return plain, fsdp
+    def bare_pair() -> None:
+        plain.append(run_job("bare_train", args, timeout=240)["tokens_per_s"])
+        fsdp.append(run_job("bare_train", {**args, "fsdp": True}, timeout=240)["tokens_per_s"])
 
-    before = bare_pair()
-    res = run_trial_sweep(ctx)
-    after = bare_pair()
-    sweep_tps = float(_epoch(res, 2)["tokens_per_s"])
-    bare = statistics.mean([before[0], after[0]])
-    bare_fsdp = statistics.mean([before[1], after[1]])
-    details = {"sweep_epoch1_tokens_per_s": _epoch(res, 1)["tokens_per_s"],
-               "sweep_epoch2_tokens_per_s": sweep_tps,
-               "bare_tokens_per_s_before": before[0], "bare_tokens_per_s_after": after[0],
-               "bare_fsdp1_tokens_per_s_before": before[1], "bare_fsdp1_tokens_per_s_after": after[1],
+    bare_pair()
+    for i in range(repeats(ctx)):  # bare, sweep, bare, sweep, ..., bare
+        res = run_trial_sweep(ctx, tag=f"default-{i}")
+        sweep.append(float(_epoch(res, 2)["tokens_per_s"]))
+        sweep1.append(float(_epoch(res, 1)["tokens_per_s"]))
+        bare_pair()
+    details = {"sweep_epoch1_tokens_per_s": stats(sweep1), "sweep_epoch2_tokens_per_s": sweep,
+               "bare_tokens_per_s": plain, "bare_fsdp1_tokens_per_s": fsdp,
                "steps_timed": spe, "batch": 4, "seq_len": 64, "threads": 1}
-    drift = abs(before[0] - after[0]) / bare
-    r = ratio(sweep_tps, bare)
-    return [
-        Row("trial_efficiency", "trial efficiency (sweep / bare)", "sweep ep2", sweep_tps,
-            "bare", bare, r, unit="tok/s", goal=">= 0.95", met=r is not None and r >= 0.95,
-            note=f"epoch 2 ({spe} steps, batch 4x64, 1 thread) vs the same steps in one "
-                 f"process without FSDP, mean of before/after the sweep (they differ by "
-                 f"{drift:.0%}: shared machine); the sweep runs this trial's single CPU rank "
-                 f"unwrapped, the row below is what the FSDP2 wrap would cost it",
-            details=details),
-        Row("trial_efficiency", "  FSDP2 wrap forced on 1 CPU rank (bare)", "bare+fsdp",
-            bare_fsdp, "bare", bare, ratio(bare_fsdp, bare), unit="tok/s"),
-    ]
+    row = timed_row(
+        "trial_efficiency", "trial efficiency (sweep / bare)", "sweep ep2", sweep, "bare",
+        plain, unit="tok/s", goal=">= 0.95",
+        note=f"epoch 2 ({spe} steps, batch 4x64, 1 thread) vs the same steps in one process "
+             "without FSDP, timed before, between and after the sweeps; the sweep runs this "
+             "trial's single CPU rank unwrapped, the row below is what the FSDP2 wrap would "
+             "cost it", details=details)
+    row.met = row.ratio is not None and row.ratio >= 0.95
+    return [row, timed_row("trial_efficiency", "  FSDP2 wrap forced on 1 CPU rank (bare)",
+                           "bare+fsdp", fsdp, "bare", plain, unit="tok/s")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,34 +171,42 @@ def empty_fit_breakdown(res: dict) -> dict:
     }
 
 
+def _parts_note(breakdowns: list[dict]) -> str:
+    """The median of each part of trial start -> first step over the runs."""
+    keys = breakdowns[0]["parts"]
+    med = {k: stats([b["parts"].get(k) for b in breakdowns])["median"] for k in keys}
+    return ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in med.items() if v is not None)
+
+
 def bench_fixed_cost(ctx) -> list[Row]:
-    res = run_trial_sweep(ctx)
-    trial = trial_breakdown(res)
-    empty = empty_fit_breakdown(run_job("empty_fit", {}, timeout=240))
-    replay = run_job("setup_replay", {"sweep_dir": res["sweep_dir"], "trial_id": TRIAL},
-                     timeout=120)
-    a, b = trial["first_step_s"], empty["fit_to_train_fn_s"]
-    parts = {k: v for k, v in trial["parts"].items() if v is not None}
+    n = repeats(ctx)
+    trials = [trial_breakdown(run_trial_sweep(ctx, tag=f"default-{i}")) for i in range(n)]
+    empties = [empty_fit_breakdown(run_job("empty_fit", {}, timeout=240)) for _ in range(n)]
+    first = [t["first_step_s"] for t in trials]
+    parts = {k: stats([t["parts"].get(k) for t in trials])["median"] for k in trials[0]["parts"]}
+    parts = {k: v for k, v in parts.items() if v is not None}
     biggest = max(parts, key=parts.get) if parts else "?"
-    rows = [Row(
-        "fixed_cost", "fixed cost per trial", "trial start->1st step", a,
-        "empty fit()->train fn", b, ratio(a, b), unit="s", goal="<= 5 s",
-        met=a is not None and a <= 5.0,
-        note=f"largest part: {biggest}; " + ", ".join(
-            f"{k.removesuffix('_s')} {v:.1f}" for k, v in parts.items())
-            + f" s; after the last report the trial needs {trial['tail_s']:.1f} s more to end",
-        details={"trial": trial, "empty_fit": empty, "worker_setup_replay_s": replay},
-    )]
+    tail = stats([t["tail_s"] for t in trials])["median"]
+    replay = run_job("setup_replay", {"sweep_dir": run_trial_sweep(ctx, tag="default-0")["sweep_dir"],
+                                      "trial_id": TRIAL}, timeout=120)
+    row = timed_row(
+        "fixed_cost", "fixed cost per trial", "trial start->1st step", first,
+        "empty fit()->train fn", [e["fit_to_train_fn_s"] for e in empties], unit="s",
+        goal="<= 5 s",
+        note=f"largest part: {biggest}; {_parts_note(trials)} s (medians); after the last "
+             f"report the trial needs {tail:.1f} s more to end",
+        details={"trials": trials, "empty_fits": empties, "worker_setup_replay_s": replay})
+    row.met = row.a is not None and row.a <= 5.0
+    rows = [row]
     if ctx["quick"]:
         return rows
     try:
-        stock = trial_breakdown(run_trial_sweep(ctx, env={CONTROLLER_ENV: "actor"}, tag="actor"))
-        rows.append(Row(
+        stock = [trial_breakdown(run_trial_sweep(ctx, env={CONTROLLER_ENV: "actor"},
+                                                 tag=f"actor-{i}")) for i in range(n)]
+        rows.append(timed_row(
             "fixed_cost", "  Train controller inline / in its own actor (Ray's layout)",
-            "inline", a, "actor", stock["first_step_s"], ratio(a, stock["first_step_s"]),
-            unit="s", note="trial start->1st step; the actor layout's parts: " + ", ".join(
-                f"{k.removesuffix('_s')} {v:.1f}" for k, v in stock["parts"].items()
-                if v is not None) + " s",
+            "inline", first, "actor", [t["first_step_s"] for t in stock], unit="s",
+            note="trial start->1st step; the actor layout's parts: " + _parts_note(stock) + " s",
             details={"trial_controller_actor": stock},
         ))
     except Exception as e:  # noqa: BLE001 - a comparison row: keep the main row
@@ -211,24 +214,26 @@ def bench_fixed_cost(ctx) -> list[Row]:
                         None, note=f"{type(e).__name__}: {e}".splitlines()[0][:300]))
     env = {HEALTH_ENV: "0.2"}
     try:
-        fast = empty_fit_breakdown(run_job("empty_fit", {}, env=env, timeout=240))
-        rows.append(Row(
+        fast = [empty_fit_breakdown(run_job("empty_fit", {}, env=env, timeout=240))
+                for _ in range(n)]
+        med = {k: (stats([f[k] for f in fast])["median"], stats([e[k] for e in empties])["median"])
+               for k in ("fit_to_train_fn_s", "fit_total_s")}
+        rows.append(timed_row(
             "fixed_cost", f"  empty fit(): train fn end->fit() returns, {HEALTH_ENV}=0.2",
-            "0.2 s", fast["tail_s"], "2 s (default)", empty["tail_s"],
-            ratio(fast["tail_s"], empty["tail_s"]), unit="s",
-            note=f"start (fit()->train fn) {fast['fit_to_train_fn_s']:.1f} s vs "
-                 f"{empty['fit_to_train_fn_s']:.1f} s; whole fit() {fast['fit_total_s']:.1f} s "
-                 f"vs {empty['fit_total_s']:.1f} s",
+            "0.2 s", [f["tail_s"] for f in fast], "2 s (default)", [e["tail_s"] for e in empties],
+            unit="s",
+            note=f"start (fit()->train fn) {med['fit_to_train_fn_s'][0]:.1f} s vs "
+                 f"{med['fit_to_train_fn_s'][1]:.1f} s; whole fit() {med['fit_total_s'][0]:.1f} s "
+                 f"vs {med['fit_total_s'][1]:.1f} s (medians)",
             details={"empty_fit_fast": fast},
         ))
         if ctx.get("extra"):
-            fast_trial = trial_breakdown(run_trial_sweep(ctx, env=env, tag="hc02"))
-            rows.append(Row(
+            fast_trial = [trial_breakdown(run_trial_sweep(ctx, env=env, tag=f"hc02-{i}"))
+                          for i in range(n)]
+            rows.append(timed_row(
                 "fixed_cost", f"  whole trial (Tune start->complete), {HEALTH_ENV}=0.2",
-                "0.2 s", fast_trial["trial_total_s"], "2 s (default)", trial["trial_total_s"],
-                ratio(fast_trial["trial_total_s"], trial["trial_total_s"]), unit="s",
-                note=f"start->1st step {fast_trial['first_step_s']:.1f} vs {a:.1f} s; last "
-                     f"report->complete {fast_trial['tail_s']:.1f} vs {trial['tail_s']:.1f} s",
+                "0.2 s", [t["trial_total_s"] for t in fast_trial], "2 s (default)",
+                [t["trial_total_s"] for t in trials], unit="s",
                 details={"trial_fast": fast_trial},
             ))
     except Exception as e:  # noqa: BLE001 - the variants are extras: keep the main row

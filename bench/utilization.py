@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.common import Row, ratio, run_job, tiny_sweep_dict
+from bench.common import Row, repeats, run_job, stats, timed_row, tiny_sweep_dict
 
 
 def trial_compute(rows: list[dict], seq_len: int, batch: int) -> dict:
@@ -23,11 +23,7 @@ def trial_compute(rows: list[dict], seq_len: int, batch: int) -> dict:
     return {"train_s": train, "eval_s": ev, "compute_s": train + ev, "tune_time_total_s": busy}
 
 
-def bench_utilization(ctx) -> list[Row]:
-    storage = Path(ctx["tmp"]) / "grid"
-    storage.mkdir(parents=True, exist_ok=True)
-    base = 200 if ctx["quick"] else 400  # samples per epoch: 100/200 steps at batch 4/2
-    cfg = tiny_sweep_dict("grid", [0.5, 0.8], [2, 4], workers=1, base_samples=base, epochs=2)
+def _one(ctx, storage: Path, cfg: dict) -> dict:
     res = run_job("sweep", {"config": cfg, "storage": str(storage)}, timeout=480)
     if res["rc"] != 0:
         raise RuntimeError(f"the 2x2 sweep ended with rc={res['rc']} (log: {res['_log']})")
@@ -36,22 +32,35 @@ def bench_utilization(ctx) -> list[Row]:
                                     plans[tid]["batch_size"]) for tid in plans}
     conc = res["concurrency"]
     s = res["stamps"]
-    wall = s["run_sweep_end"] - s["run_sweep_begin"]
     complete = [e["t"] for e in res["events"] if e["event"] == "trial_complete"]
-    grid_wall = (max(complete) - s["tuner_fit_begin"]) if complete else None
-    total = sum(t["compute_s"] for t in per_trial.values())
-    busy = sum(t["tune_time_total_s"] for t in per_trial.values())
-    a = total / conc
-    r = ratio(a, wall)
-    return [
-        Row("utilization", f"sweep utilization (2x2, {conc} at once)", "compute/conc", a,
-            "sweep wall", wall, r, unit="s", goal="ideal 1.0 (info)",
-            note=f"grid only (tuner.fit start -> last trial done) {grid_wall:.0f} s -> "
-                 f"{a / grid_wall:.2f}; Tune busy time/conc {busy / conc:.0f} s -> "
-                 f"{busy / conc / wall:.2f} of the wall" if grid_wall else "",
-            details={"per_trial": per_trial, "concurrency": conc, "sweep_wall_s": wall,
-                     "grid_wall_s": grid_wall, "sum_compute_s": total,
-                     "sum_tune_time_total_s": busy,
-                     "ray_init_s": s.get("ray_init_end", 0) - s.get("ray_init_begin", 0),
-                     "prepare_s": s.get("prep_end", 0) - s.get("ray_init_end", 0)}),
+    return {"per_trial": per_trial, "concurrency": conc,
+            "sweep_wall_s": s["run_sweep_end"] - s["run_sweep_begin"],
+            "grid_wall_s": (max(complete) - s["tuner_fit_begin"]) if complete else None,
+            "sum_compute_s": sum(t["compute_s"] for t in per_trial.values()),
+            "sum_tune_time_total_s": sum(t["tune_time_total_s"] for t in per_trial.values()),
+            "ray_init_s": s.get("ray_init_end", 0) - s.get("ray_init_begin", 0),
+            "prepare_s": s.get("prep_end", 0) - s.get("ray_init_end", 0)}
+
+
+def bench_utilization(ctx) -> list[Row]:
+    base = 200 if ctx["quick"] else 400  # samples per epoch: 100/200 steps at batch 4/2
+    runs = []
+    for i in range(repeats(ctx)):
+        storage = Path(ctx["tmp"]) / f"grid-{i}"
+        storage.mkdir(parents=True, exist_ok=True)
+        cfg = tiny_sweep_dict("grid", [0.5, 0.8], [2, 4], workers=1, base_samples=base, epochs=2)
+        runs.append(_one(ctx, storage, cfg))
+    conc = runs[0]["concurrency"]
+    compute = [r["sum_compute_s"] / r["concurrency"] for r in runs]
+    wall = [r["sweep_wall_s"] for r in runs]
+    grid = stats([c / r["grid_wall_s"] for c, r in zip(compute, runs, strict=True)
+                  if r["grid_wall_s"]])
+    busy = stats([r["sum_tune_time_total_s"] / r["concurrency"] / r["sweep_wall_s"] for r in runs])
+    return [timed_row(
+        "utilization", f"sweep utilization (2x2, {conc} at once)", "compute/conc", compute,
+        "sweep wall", wall, unit="s", goal="ideal 1.0 (info)",
+        note=(f"grid only (tuner.fit start -> last trial done): {grid['median']:.2f} of it; "
+              f"Tune busy time/conc {busy['median']:.2f} of the wall (medians of {len(runs)})"
+              if grid["n"] else ""),
+        details={"runs": runs}),
     ]
