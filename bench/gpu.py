@@ -16,6 +16,13 @@ Model FLOPs per token (PaLM's accounting, dense: unstructured masks save no matm
 training 6 N + 12 L d s, evaluation 2 N + 4 L d s (N parameters, L layers, d hidden size,
 s sequence length). MFU divides achieved FLOP/s by the chip's bf16 dense peak (``--peak``,
 989 TFLOP/s for an H100/H200 SXM) and, beside it, by a matmul measured on the spot.
+
+Checkpoints (``--checkpoint-repeats``, 0 to skip), the figures ``make bench`` measures on CPU:
+bytes of today's dense DCP checkpoint (``trainers.checkpoint``) and of the sparse one
+(``trainers.sparse_state``) of the trained state, seconds of a synchronous save of each, and
+the seconds an asynchronous save holds the step loop (``AsyncCheckpointer.save``: waiting for
+the previous write and copying the state to pinned CPU memory), with a training step between
+saves; each the median of the repeats with min and max, written under ``--checkpoint-dir``.
 """
 
 from __future__ import annotations
@@ -23,7 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -66,6 +77,50 @@ def matmul_peak(device: torch.device, n: int = 8192, reps: int = 10) -> float | 
         a @ b
     sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+def checkpoint_figures(model, opt, pruned, step, device, repeats: int, root: Path) -> dict:
+    """Bytes and save seconds of today's dense and the sparse checkpoint; the async stall."""
+    from trainers.checkpoint import save_training_state
+    from trainers.sparse_state import AsyncCheckpointer, save_sparse_state
+
+    state = {"epoch": 0, "step": 0}
+    times: dict[str, list[float]] = {"dense_sync_s": [], "sparse_sync_s": [], "async_stall_s": []}
+    size = {}
+    for i in range(repeats):  # interleaved: both see the same machine
+        for key, save in (("dense", lambda d: save_training_state(d, model, opt, state)),
+                          ("sparse", lambda d: save_sparse_state(d, model, opt, pruned, state))):
+            d = root / f"{key}-{i}"
+            sync(device)
+            t = time.perf_counter()
+            save(d)
+            sync(device)
+            times[f"{key}_sync_s"].append(time.perf_counter() - t)
+            size[key] = _dir_bytes(d)
+            shutil.rmtree(d)
+    with AsyncCheckpointer(model, opt, pruned) as ckpt:
+        for i in range(repeats + 1):  # the first save pays the pinned buffers' allocation
+            step(i)
+            sync(device)
+            t = time.perf_counter()
+            ckpt.save(root / f"async-{i}", state)
+            sync(device)
+            if i:
+                times["async_stall_s"].append(time.perf_counter() - t)
+    out = {k: _stats(v) for k, v in times.items()}
+    out.update(dense_bytes=size["dense"], sparse_bytes=size["sparse"],
+               bytes_ratio=size["sparse"] / size["dense"],
+               stall_ratio_vs_sparse_sync=(out["async_stall_s"]["median"]
+                                           / out["sparse_sync_s"]["median"]))
+    return out
 
 
 def run(args) -> dict:
@@ -128,6 +183,15 @@ def run(args) -> dict:
         eval_s = time.perf_counter() - t
         eval_tps = ev["tokens"] / eval_s
 
+        ckpt = None
+        if args.checkpoint_repeats:
+            root = Path(tempfile.mkdtemp(prefix="gpu-ckpt-", dir=args.checkpoint_dir))
+            try:
+                ckpt = checkpoint_figures(model, opt, pruned, step, device,
+                                          args.checkpoint_repeats, root)
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+
         L, d = cfg.num_hidden_layers, cfg.hidden_size
         train_fpt = 6 * n_params + 12 * L * d * seq
         eval_fpt = 2 * n_params + 4 * L * d * seq
@@ -156,6 +220,7 @@ def run(args) -> dict:
             "eval_perplexity_random_tokens": ev["perplexity"],
             "peak_tflops_spec": args.peak if peak else None,
             "matmul_bf16_tflops_measured": measured / 1e12 if measured else None,
+            "checkpoint": ckpt,
         }
     finally:
         dist.destroy_process_group()
@@ -174,6 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--eval-batch", type=int, default=8)
     ap.add_argument("--peak", type=float, default=989.0, help="bf16 dense TFLOP/s of the chip")
+    ap.add_argument("--checkpoint-repeats", type=int, default=3,
+                    help="saves per checkpoint figure (0: skip the checkpoint figures)")
+    ap.add_argument("--checkpoint-dir", default=None,
+                    help="where the checkpoints are written (default: the temp directory)")
     ap.add_argument("--out", help="also write the figures here (JSON)")
     args = ap.parse_args(argv)
     if args.shape == "tiny":
