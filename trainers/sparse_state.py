@@ -190,6 +190,22 @@ def is_complete(directory: Path) -> bool:
     return (Path(directory) / MARKER).is_file()
 
 
+def is_sparse_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` holds this format (else the dense one of
+    ``trainers.checkpoint``, which has no marker). A sparse checkpoint whose marker is
+    missing, its write interrupted after the data, is refused here rather than misread as
+    dense."""
+    directory = Path(directory)
+    if is_complete(directory):
+        return True
+    if (directory / ".metadata").is_file():
+        keys = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+        if any(k.startswith("sparse.") for k in keys):
+            raise IncompleteCheckpointError(
+                f"{directory} has no {MARKER}: its save did not finish")
+    return False
+
+
 def latest_complete(root: Path) -> Path | None:
     """The most recently saved complete checkpoint directly under ``root`` (None if none)."""
     best: tuple[float, Path] | None = None
@@ -403,6 +419,20 @@ class AsyncCheckpointer:
         if on_done is not None:
             on_done(directory)
         return directory
+
+    def abandon(self) -> None:
+        """Stop without waiting for the save in flight and without running its callback: for
+        a rank that failed. Its peers may never finish their part of that write (a wait
+        would hang on its collectives) and must not be asked into a callback's collective.
+        The unfinished directory gets no marker or is never registered, so the checkpoint
+        a restart restores is the previous one."""
+        pending, self._inflight = self._inflight, None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if pending is None or pending[0].done():
+            self._stager.close()  # else a write may still read its buffers
 
     def close(self) -> None:
         try:
