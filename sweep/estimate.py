@@ -6,10 +6,14 @@ Disk follows from the model's parameter count, found without loading weights whe
 a config-built model is built on the meta device; a local Hugging Face directory is read from
 its safetensors headers (or its config.json, on the meta device); a GGUF file from its tensor
 shapes (the ``gguf`` package); a hub id from the local Hugging Face cache's config, else
-"unknown". A checkpoint holds the fp32 weights and AdamW's two fp32 moments (12 bytes per
-parameter; training keeps fp32 master weights on GPU too); ``keep_last`` of them are kept per
-trial (one more exists while the next is written). An export is the model in fp32 safetensors
-(4 bytes per parameter).
+"unknown". A dense checkpoint holds the fp32 weights and AdamW's two fp32 moments (12 bytes
+per parameter; training keeps fp32 master weights on GPU too). A sparse one
+(``checkpoint.format: sparse``, trainers/sparse_state.py) holds those 12 bytes for every
+parameter outside the pruned layers and for the kept fraction (1 - sparsity) of the pruned
+layers' weights, so the pruned layers' parameter count is needed too; where it is unknown (a
+GGUF file whose config cannot be read) the dense figure stands as an upper bound.
+``keep_last`` checkpoints are kept per trial (one more exists while the next is written). An
+export is the model in fp32 safetensors (4 bytes per parameter).
 """
 
 from __future__ import annotations
@@ -29,33 +33,33 @@ EXPORT_BYTES_PER_PARAM = 4  # fp32 safetensors
 class ParamCount:
     n: int | None  # None: unknown
     how: str  # where the count comes from, or why it is unknown
+    masked: int | None = None  # parameters of the pruned layers' weights (None: unknown)
 
 
 def count_parameters(mc: ModelConfig) -> ParamCount:
     """The model's parameter count (tied weights once), without loading its weights."""
     try:
         if mc.config is not None:
-            return ParamCount(_meta_count(_config_from_dict(mc)), "built from the config on the meta device")
+            return _from_meta(_config_from_dict(mc), "built from the config on the meta device")
+        from transformers import AutoConfig
+
         path = resolve_model_path(mc.name_or_path or "")
         local = Path(path).expanduser()
         if mc.gguf_file:
             gguf = Path(mc.gguf_file) if Path(mc.gguf_file).is_absolute() else local / mc.gguf_file
-            return ParamCount(gguf_parameters(gguf), f"tensor shapes of {gguf.name}")
+            masked = _masked_or_none(lambda: AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
+            return ParamCount(gguf_parameters(gguf), f"tensor shapes of {gguf.name}", masked)
         if is_local_path(path) and local.is_dir():
             n = safetensors_parameters(local)
             if n is not None:
-                return ParamCount(n, "safetensors headers")
-            from transformers import AutoConfig
-
-            return ParamCount(_meta_count(AutoConfig.from_pretrained(local)), "config.json on the meta device")
-        from transformers import AutoConfig
-
+                return ParamCount(n, "safetensors headers", masked_parameters(local))
+            return _from_meta(AutoConfig.from_pretrained(local), "config.json on the meta device")
         try:
             config = AutoConfig.from_pretrained(path, local_files_only=True)
         except OSError:
             return ParamCount(None, f"{path} is a hub id whose config is not in the local "
                                     "Hugging Face cache")
-        return ParamCount(_meta_count(config), "cached config on the meta device")
+        return _from_meta(config, "cached config on the meta device")
     except Exception as e:  # noqa: BLE001 - an estimate never stops a dry run
         return ParamCount(None, f"unknown ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
 
@@ -71,15 +75,43 @@ def _config_from_dict(mc: ModelConfig):
     return AutoConfig.for_model(**config)
 
 
-def _meta_count(config) -> int:
-    """Parameters of the model ``config`` describes, built on the meta device (no memory);
-    ``parameters()`` yields a tied weight once."""
+def _meta_count(config) -> tuple[int, int | None]:
+    """(parameters, pruned layers' weight parameters) of the model ``config`` describes, built
+    on the meta device (no memory); ``parameters()`` yields a tied weight once."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from trainers.prune import prunable_linears
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+    try:
+        masked = sum(lin.weight.numel() for lin in prunable_linears(model).values())
+    except ValueError:
+        masked = None
+    return sum(p.numel() for p in model.parameters()), masked
+
+
+def _from_meta(config, how: str) -> ParamCount:
+    n, masked = _meta_count(config)
+    return ParamCount(n, how, masked)
+
+
+def masked_parameters(model_dir: Path) -> int | None:
+    """The pruned layers' weight parameters of a local Hugging Face directory (its config.json
+    on the meta device), None when it cannot be read."""
+    from transformers import AutoConfig
+
+    return _masked_or_none(lambda: AutoConfig.from_pretrained(model_dir))
+
+
+def _masked_or_none(config_fn) -> int | None:
+    """The pruned layers' weight parameters of the model whose config ``config_fn`` reads;
+    None where that config cannot be read (the dense figure then bounds a sparse checkpoint)."""
+    try:
+        return _meta_count(config_fn())[1]
+    except Exception:  # noqa: BLE001 - only sharpens the estimate
+        return None
 
 
 def gguf_parameters(path: Path) -> int:
@@ -137,6 +169,7 @@ class Estimate:
     keep_last: int
     checkpoints: bool
     exports: bool
+    format: str = "dense"  # "sparse"; "sparse?": sparse, the pruned layers' size unknown
 
     def total(self, attr: str) -> int | None:
         values = [getattr(t, attr) for t in self.trials]
@@ -173,18 +206,27 @@ def estimate(cfg: SweepConfig, plans: list[TrialPlan], params: ParamCount | None
     ck = cfg.checkpoint
     each = params.n * CHECKPOINT_BYTES_PER_PARAM if params.n is not None else None
     export = params.n * EXPORT_BYTES_PER_PARAM if params.n is not None else None
+    sparse = ck.format == "sparse" and params.n is not None and params.masked is not None
     trials = []
     for p in plans:
+        one = (checkpoint_bytes(params, p.sparsity) if sparse else each)
         steps = p.steps_per_epoch * p.num_epochs
         trials.append(TrialEstimate(
             trial_id=p.trial_id, steps=steps, train_tokens=steps * p.batch_size * cfg.data.seq_len,
             # the baseline (epoch 0) and one evaluation per epoch
             eval_tokens=None if per_eval is None else per_eval * (p.num_epochs + 1),
-            checkpoint_bytes=(each * ck.keep_last if each is not None else None) if ck.enabled else 0,
+            checkpoint_bytes=(one * ck.keep_last if one is not None else None) if ck.enabled else 0,
             export_bytes=export if ck.export_best else 0,
         ))
     return Estimate(params, trials, per_eval, exact, each, ck.keep_last, ck.enabled,
-                    ck.export_best)
+                    ck.export_best, ck.format if ck.format != "sparse" or sparse else "sparse?")
+
+
+def checkpoint_bytes(params: ParamCount, sparsity: float) -> int:
+    """One sparse checkpoint: 12 bytes for every parameter outside the pruned layers' weights
+    and for the kept ones (weight, exp_avg, exp_avg_sq: kept entries only)."""
+    kept = params.masked - int(round(sparsity * params.masked))
+    return (params.n - params.masked + kept) * CHECKPOINT_BYTES_PER_PARAM
 
 
 def human_bytes(n: int | None) -> str:
@@ -220,9 +262,17 @@ def format_estimate(est: Estimate) -> str:
     lines = [_params_text(est.params), table]
     notes = []
     if est.checkpoints:
-        notes.append(f"checkpoints: keep_last {est.keep_last} x {human_bytes(est.checkpoint_each)} "
-                     "per trial (fp32 weights + AdamW's 2 fp32 moments: 12 bytes/parameter; "
-                     "one more while the next is written)")
+        if est.format == "sparse":
+            notes.append(f"checkpoints: keep_last {est.keep_last} per trial, sparse format: fp32 "
+                         "weights + AdamW's 2 fp32 moments (12 bytes/parameter) for the kept "
+                         f"weights only ({human_bytes(est.checkpoint_each)} dense); one more "
+                         "while the next is written")
+        else:
+            notes.append(f"checkpoints: keep_last {est.keep_last} x {human_bytes(est.checkpoint_each)} "
+                         "per trial (fp32 weights + AdamW's 2 fp32 moments: 12 bytes/parameter; "
+                         "one more while the next is written"
+                         + ("; an upper bound: the sparse format stores the kept weights only, "
+                            "the pruned layers' size is unknown)" if est.format == "sparse?" else ")"))
     else:
         notes.append("checkpoints: off (checkpoint.enabled: false)")
     notes.append("export: the best model in fp32 safetensors, 4 bytes/parameter" if est.exports

@@ -279,12 +279,18 @@ def test_estimate_of_the_tiny_sweep(tmp_path):
         assert t.steps == p.steps_per_epoch * p.num_epochs
         assert t.train_tokens == t.steps * p.batch_size * cfg.data.seq_len
         assert t.eval_tokens == 3 * (63 + 15 * 63)  # baseline + 2 epochs, 16 windows of 64
-        assert t.checkpoint_bytes == cfg.checkpoint.keep_last * 12 * n
+        # Sparse (the default format): 12 bytes per parameter outside the pruned layers'
+        # weights and per kept weight of them.
+        masked = est.params.masked
+        kept = masked - round(p.sparsity * masked)
+        assert 0 < masked < n and t.checkpoint_bytes == cfg.checkpoint.keep_last * 12 * (n - masked + kept)
         assert t.export_bytes == 4 * n
     text = format_estimate(est)
     total = next(line for line in text.splitlines() if line.startswith("total"))
     assert total.split()[1:3] == [f"{sum(t.steps for t in est.trials):,}", "8,192"]
     assert f"{n:,} parameters" in text and "at most 1,008 per evaluation" in text
+    dense = estimate(config_from_args(str(TINY), ["checkpoint.format=dense"], {}), plans)
+    assert {t.checkpoint_bytes for t in dense.trials} == {cfg.checkpoint.keep_last * 12 * n}
     off = config_from_args(str(TINY), ["checkpoint.enabled=false", "checkpoint.export_best=false"], {})
     est = estimate(off, plans)
     assert est.total("checkpoint_bytes") == 0 and "checkpoints off" in disk_line(est)
@@ -309,6 +315,38 @@ def test_checkpoint_size_is_what_is_written(tmp_path):
     n = count_parameters(ModelConfig(config=cfg_dict)).n
     assert n == sum(p.numel() for p in model.parameters())
     predicted = n * CHECKPOINT_BYTES_PER_PARAM
+    assert predicted <= written <= predicted * 1.05, (predicted, written)
+
+
+def test_sparse_checkpoint_size_is_what_is_written(tmp_path):
+    """The sparse format (the default): 12 bytes per parameter outside the pruned layers and
+    per kept weight of them, against the real checkpoint of a pruned model after AdamW steps."""
+    from sweep.estimate import checkpoint_bytes
+    from trainers.model import build_model
+    from trainers.parallel import shard_masks
+    from trainers.prune import apply_masks, magnitude_masks
+    from trainers.sparse_state import save_sparse_state
+    from trainers.spec import ModelConfig
+    from trainers.step import train_step
+
+    # Big enough that DCP's per-tensor framing (about 2 KB a tensor) is within the 5%.
+    cfg_dict = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768,
+                "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "vocab_size": 259, "max_position_embeddings": 64}
+    params = count_parameters(ModelConfig(config=cfg_dict))
+    model = build_model(ModelConfig(config=cfg_dict))
+    masks = magnitude_masks(model, 0.7)
+    assert params.masked == sum(m.numel() for m in masks.values())
+    apply_masks(model, masks)
+    pruned = shard_masks(model, masks)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = torch.randint(0, 259, (4, 16))
+    for _ in range(2):
+        train_step(model, opt, data, [[0, 1]], pruned, 1e-3, 1.0, torch.device("cpu"))
+    save_sparse_state(tmp_path / "ckpt", model, opt, pruned, {"epoch": 1})
+    written = sum(f.stat().st_size for f in (tmp_path / "ckpt").rglob("*") if f.is_file())
+    predicted = checkpoint_bytes(params, 0.7)
+    assert predicted < 0.6 * params.n * CHECKPOINT_BYTES_PER_PARAM
     assert predicted <= written <= predicted * 1.05, (predicted, written)
 
 
