@@ -142,7 +142,9 @@ def run_tasks(
     ``limit``: the first N documents per task (a float < 1: that fraction), for smoke runs;
     published numbers use all. Returns one row per (task or group, metric); None in a process
     whose ``LOCAL_RANK`` is not 0, where the harness evaluates but leaves the results to
-    local rank 0 (its torchrun convention).
+    local rank 0 (its torchrun convention). That is what a sharded (FSDP) model needs: every
+    rank calls this with the same arguments and runs the same forward passes, each one a
+    collective (trainers/zeroshot.py).
     """
     if not tasks:
         raise ValueError("no lm-eval tasks given")

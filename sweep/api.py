@@ -25,22 +25,37 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from sweep.results import EPOCHS_FILE, EPOCHS_SCHEMA, TRIALS_FILE, TRIALS_SCHEMA, results_dir
+from sweep.results import (
+    EPOCHS_FILE,
+    EPOCHS_SCHEMA,
+    EVALS_FILE,
+    EVALS_SCHEMA,
+    TASKS_FILE,
+    TASKS_SCHEMA,
+    TRIALS_FILE,
+    TRIALS_SCHEMA,
+    results_dir,
+)
 from trainers.storage import Store, is_uri
 
 TABLES: dict[str, tuple[str, pa.Schema]] = {
     "epochs": (EPOCHS_FILE, EPOCHS_SCHEMA),
     "trials": (TRIALS_FILE, TRIALS_SCHEMA),
+    "evals": (EVALS_FILE, EVALS_SCHEMA),
+    "tasks": (TASKS_FILE, TASKS_SCHEMA),
 }
 
 
 @dataclass
 class Results:
-    """The two result tables of one or more sweeps (pandas DataFrames or Arrow tables)."""
+    """The result tables of one or more sweeps (pandas DataFrames or Arrow tables): epochs
+    and trials; evals (every set's perplexity per epoch) and tasks (zero-shot task metrics)."""
 
     epochs: pd.DataFrame | pa.Table
     trials: pd.DataFrame | pa.Table
     sweeps: list[Path] = field(default_factory=list)
+    evals: pd.DataFrame | pa.Table | None = None
+    tasks: pd.DataFrame | pa.Table | None = None
 
 
 def _has_results(d: Path) -> bool:
@@ -176,12 +191,25 @@ def read_trials(path: str | os.PathLike) -> pd.DataFrame:
     return df.sort_values(["sweep", "trial_id"], kind="stable", ignore_index=True)
 
 
+# The order rows of each long table are read in.
+LONG_ORDER = {"evals": ["sweep", "trial_id", "epoch", "set"],
+              "tasks": ["sweep", "trial_id", "epoch", "task", "metric"]}
+
+
+def read_long(path: str | os.PathLike, table: str) -> pd.DataFrame:
+    """The ``evals`` or ``tasks`` table, sorted by sweep, trial, epoch and set / task."""
+    df = to_pandas(read_arrow(path, table))
+    return df.sort_values(LONG_ORDER[table], kind="stable", ignore_index=True)
+
+
 def load(path: str | os.PathLike, as_: Literal["pandas", "arrow"] = "pandas") -> Results:
-    """Both tables of every sweep under ``path``, as pandas DataFrames or Arrow tables."""
+    """Every table of every sweep under ``path``, as pandas DataFrames or Arrow tables."""
     path = localize(path)
     sweeps = find_sweeps(path)
     if as_ == "arrow":
-        return Results(read_arrow(path, "epochs"), read_arrow(path, "trials"), sweeps)
+        return Results(read_arrow(path, "epochs"), read_arrow(path, "trials"), sweeps,
+                       read_arrow(path, "evals"), read_arrow(path, "tasks"))
     if as_ == "pandas":
-        return Results(read_epochs(path), read_trials(path), sweeps)
+        return Results(read_epochs(path), read_trials(path), sweeps, read_long(path, "evals"),
+                       read_long(path, "tasks"))
     raise ValueError(f"as_ must be 'pandas' or 'arrow', not {as_!r}")

@@ -44,6 +44,11 @@ class ResultsCallback(tune.Callback):
     and stops the Tune run (``Fenced`` from ``on_step_begin``)."""
 
     attempt = 0  # the driver attempt (trainers/fence.py); 0: not fenced
+    # The dense model on every set and task (prep/dense.json's "sets" and "tasks") and the
+    # primary set's name; class defaults for a callback pickled before they existed.
+    dense_sets: dict = {}
+    dense_tasks: list = []
+    primary: str | None = None
     FENCE_CHECK_S = 5.0  # how often a running sweep looks for a newer attempt between writes
 
     def __init__(self, sweep_dir: str, sweep: str, model: str, dense: float | None,
@@ -65,6 +70,15 @@ class ResultsCallback(tune.Callback):
         self.sweep_dir, self.store, self._writer = sweep_dir, store, None
         if attempt is not None:
             self.attempt = attempt
+
+    def set_dense(self, dense: dict | None, primary: str | None) -> None:
+        """The dense model's values of every set and task, copied onto the evals and tasks
+        rows (``dense_perplexity``, ``dense_value``), and the primary set's name."""
+        dense = dense or {}
+        sets = dense.get("sets") or ({primary: dense} if primary and "perplexity" in dense else {})
+        self.dense_sets = {name: ev.get("perplexity") for name, ev in sets.items()}
+        self.dense_tasks = list(dense.get("tasks") or [])
+        self.primary = primary
 
     def superseded(self) -> str | None:
         """Why this driver must stop writing (a newer attempt runs the sweep), or None."""
@@ -120,6 +134,38 @@ class ResultsCallback(tune.Callback):
             "timestamp": _now(),
         }
 
+    def eval_rows(self, tid: str, result: dict) -> list[dict]:
+        """``evals`` rows (one per set) from a report's ``evals``; improvement against the
+        set's own baseline (epoch 0)."""
+        epoch, now = int(result["epoch"]), _now()
+        base = {r["set"]: r["perplexity"] for r in self.writer.long_rows("evals", tid)
+                if r["epoch"] == 0}
+        rows = []
+        for name, ev in (result.get("evals") or {}).items():
+            baseline = ev["perplexity"] if epoch == 0 else base.get(name)
+            rows.append({
+                "sweep": self.sweep, "trial_id": tid, "epoch": epoch, "set": name,
+                "perplexity": ev["perplexity"], "dense_perplexity": self.dense_sets.get(name),
+                "improvement_pct": improvement_pct(baseline, ev["perplexity"]),
+                "tokens": ev.get("tokens"), "windows": ev.get("windows"),
+                "seconds": ev.get("seconds"),
+                "primary": None if self.primary is None else int(name == self.primary),
+                "driver_attempt": result.get("driver_attempt"), "timestamp": now,
+            })
+        return rows
+
+    def task_rows(self, tid: str, result: dict) -> list[dict]:
+        """``tasks`` rows from a report's ``tasks`` (each row names the epoch of its model)."""
+        dense = {(r["task"], r["metric"]): r["value"] for r in self.dense_tasks}
+        now = _now()
+        return [{
+            "sweep": self.sweep, "trial_id": tid, "epoch": int(r["epoch"]), "task": r["task"],
+            "metric": r["metric"], "value": r["value"], "stderr": r.get("stderr"),
+            "dense_value": dense.get((r["task"], r["metric"])), "samples": r.get("samples"),
+            "num_fewshot": r.get("num_fewshot"), "seconds": r.get("seconds"),
+            "driver_attempt": result.get("driver_attempt"), "timestamp": now,
+        } for r in result.get("tasks") or []]
+
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if result.get("kind") != "eval":
             return
@@ -130,6 +176,8 @@ class ResultsCallback(tune.Callback):
         baseline = result.get("baseline_perplexity")
         self.writer.drop_epochs_after(tid, row["epoch"])  # a restart from an earlier checkpoint
         self.writer.upsert_epoch(row)
+        self.writer.upsert_long("evals", self.eval_rows(tid, result))
+        self.writer.upsert_long("tasks", self.task_rows(tid, result))
         rows = self.writer.epochs_of(tid)
         finite = [r for r in rows if r["perplexity"] is not None and math.isfinite(r["perplexity"])]
         best = min(finite, key=lambda r: r["perplexity"]) if finite else None
@@ -235,6 +283,11 @@ class EpochTensorBoard(TBXLoggerCallback):
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 writer.add_scalar(name, value, global_step=epoch)
                 written[name] = value
+        for name, ev in (result.get("evals") or {}).items():
+            if isinstance(ev.get("perplexity"), float) and math.isfinite(ev["perplexity"]):
+                writer.add_scalar(f"evals/{name}/perplexity", ev["perplexity"], global_step=epoch)
+        for r in result.get("tasks") or []:  # the best model's rows carry their own epoch
+            writer.add_scalar(f"tasks/{r['task']}/{r['metric']}", r["value"], global_step=r["epoch"])
         tokens = result.get("tokens")
         if isinstance(tokens, int):
             for name in self.BY_TOKENS:

@@ -57,16 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_resume(sub)
-    from sweep.eval_cmd import add_eval_arguments
+    from sweep.eval_cmd import add_eval_arguments, add_sets_arguments
     from sweep.plot import add_plot_arguments
     from sweep.prune_cmd import add_prune_arguments
     from sweep.query import add_query_arguments
     from sweep.report import add_report_arguments
 
-    add_query_arguments(sub.add_parser("query", help="SQL over the results (tables epochs, trials)"))
+    add_query_arguments(sub.add_parser("query", help="SQL over the results (tables epochs, trials, evals, tasks)"))
     add_report_arguments(sub.add_parser("report", help="per-trial summary table"))
     add_plot_arguments(sub.add_parser("plot", help="perplexity against sparsity, and over epochs"))
-    add_eval_arguments(sub.add_parser("eval", help="perplexity of one model (JSON on the last line)"))
+    eval_parser = sub.add_parser(
+        "eval", help="perplexity of one model on a text or a config's sets, and task accuracy "
+        "(JSON on the last line)")
+    add_eval_arguments(eval_parser, text_required=False)
+    add_sets_arguments(eval_parser)
     add_prune_arguments(sub.add_parser("prune", help="prune one model once, no sweep (JSON on the last line)"))
     from sweep.status import add_status_arguments
 

@@ -19,6 +19,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from eval.sets import EvalSet
 from eval.text import TextSource
 from trainers.spec import (
     CalibrationConfig,
@@ -28,6 +29,7 @@ from trainers.spec import (
     ModelConfig,
     OWLConfig,
     SparseGPTConfig,
+    TasksConfig,
     TrainConfig,
     is_local_path,
     parse_pattern,
@@ -80,9 +82,45 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    # Evaluation text (default: the WikiText-2 raw test split).
+class EvalSetConfig:
+    # Where the set's text comes from (a text source); the c4 protocols read documents: a
+    # JSON-lines file (optionally .gz) or a dataset, one document per line or row.
     text: TextSource = field(default_factory=TextSource)
+    # How the text becomes windows: "sequential" (the whole text, full windows every stride
+    # tokens), "c4_wanda" (the first `documents` (1100) documents joined with a space, the first
+    # `max_windows` (256) windows) or "c4_sparsegpt" (`max_windows` (256) windows, each from a
+    # random document of at least token_length tokens at a random start, seeded by `seed`).
+    protocol: Literal["sequential", "c4_wanda", "c4_sparsegpt"] = "sequential"
+    # Tokens per window (None: eval.token_length).
+    token_length: int | None = None
+    # sequential: tokens between window starts (None: eval.stride, capped at token_length).
+    stride: int | None = None
+    # At most this many windows (None: eval.max_windows for sequential, 256 for the c4 protocols).
+    max_windows: int | None = None
+    # c4_sparsegpt: the seed of the window draw (the reference's 0).
+    seed: int = 0
+    # Read only the first N documents (None: 1100 for c4_wanda, all otherwise).
+    documents: int | None = None
+    # sequential: join the source's documents with this string instead of reading one text
+    # (SparseGPT's PTB: " ").
+    separator: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    # Evaluation text (default: the WikiText-2 raw test split): the one set of a config
+    # without eval.sets, reported as "wikitext2" (that default) or "text".
+    text: TextSource = field(default_factory=TextSource)
+    # Named evaluation sets (name -> set), all measured at the baseline and after every epoch;
+    # None: eval.text alone. token_length, stride and max_windows below are their defaults.
+    sets: dict[str, EvalSetConfig] | None = None
+    # The set Tune's metric, early stopping and the `perplexity` column use (None: the first).
+    primary: str | None = None
+    # Zero-shot tasks through lm-evaluation-harness.
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    # When tasks are measured: "final" (the pruned model at epoch 0, the final and the best
+    # model) or "epoch" (every evaluation).
+    tasks_every: Literal["final", "epoch"] = "final"
     # Window length and stride in tokens (README, "Perplexity protocol").
     token_length: int = 2048
     # Windows start every `stride` tokens; stride < token_length overlaps them, the overlap
@@ -211,6 +249,8 @@ def _bind(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         non_none = [a for a in args if a is not type(None)]
+        if typing.get_origin(non_none[0]) is dict and isinstance(value, dict):
+            return _bind(non_none[0], value, key, problems)  # a mapping's entries name themselves
         trial: list[str] = []
         result = _bind(non_none[0], value, key, trial)
         if trial:
@@ -227,6 +267,10 @@ def _bind(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             problems.append(f"{key}: expected a mapping, got {value!r}")
+            return value
+        args = typing.get_args(tp)
+        if args and dataclasses.is_dataclass(args[1]):  # a mapping of named sections
+            return {k: _bind(args[1], v, f"{key}.{k}", problems) for k, v in value.items()}
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -248,18 +292,24 @@ def _bind(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this module
 
 
+def config_key(f: dataclasses.Field) -> str:
+    """A field's key in YAML: its name, less a trailing "_" (``async_`` is ``async``, a
+    keyword that cannot name a field)."""
+    return f.name.removesuffix("_")
+
+
 def _bind_dataclass(cls: Any, data: dict, prefix: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {config_key(f) for f in dataclasses.fields(cls)}
     for unknown in sorted(set(data) - names):
         where = f"{prefix}.{unknown}" if prefix else str(unknown)
         problems.append(f"{where}: unknown key (allowed: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
-        if f.name in data:
-            key = f"{prefix}.{f.name}" if prefix else f.name
+        if config_key(f) in data:
+            key = f"{prefix}.{config_key(f)}" if prefix else config_key(f)
             found: list[str] = []
-            value = _bind(hints[f.name], data[f.name], key, found)
+            value = _bind(hints[f.name], data[config_key(f)], key, found)
             problems.extend(found)
             # A badly typed value keeps its default, so the range checks still run on the rest
             # and every problem is reported at once; a nested section keeps its valid fields.
@@ -341,7 +391,7 @@ def load_config(
 def to_dict(cfg: Any) -> Any:
     """Plain (YAML/JSON-able) form of a config: tuples become lists."""
     if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        return {config_key(f): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, (tuple, list)):
         return [to_dict(v) for v in cfg]
     if isinstance(cfg, dict):
@@ -366,6 +416,95 @@ def _check_text_source(src: TextSource, key: str, check_paths: bool) -> list[str
     if src.max_chars is not None and src.max_chars < 1:
         problems.append(f"{key}.max_chars: must be >= 1, got {src.max_chars}")
     return problems
+
+
+# Set names become file names and report columns: a letter, then letters, digits, _ . -
+SET_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+
+
+def legacy_set_name(src: TextSource) -> str:
+    """The name a config without eval.sets reports its one text under."""
+    wikitext2 = (src.source == "dataset" and src.dataset == "wikitext"
+                 and src.dataset_config == "wikitext-2-raw-v1")
+    return "wikitext2" if wikitext2 else "text"
+
+
+def _eval_set(e: EvalConfig, name: str, s: EvalSetConfig) -> EvalSet:
+    """One configured set with eval's window settings as its defaults (ValueError if invalid)."""
+    length = s.token_length or e.token_length
+    sequential = s.protocol == "sequential"
+    stride = (s.stride or min(e.stride, length)) if sequential else s.stride
+    windows = s.max_windows if s.max_windows is not None else (e.max_windows if sequential else None)
+    return EvalSet(name, s.text, s.protocol, length, stride, windows, s.seed, s.documents,
+                   s.separator)
+
+
+def eval_sets(e: EvalConfig) -> list[EvalSet]:
+    """Every evaluation set in effect, in config order: eval.sets, or eval.text as one set."""
+    if not e.sets:
+        return [EvalSet(legacy_set_name(e.text), e.text, "sequential", e.token_length, e.stride,
+                        e.max_windows)]
+    return [_eval_set(e, name, s) for name, s in e.sets.items()]
+
+
+def primary_set(e: EvalConfig) -> str:
+    """The name of the set that Tune's metric, early stopping and `perplexity` use."""
+    if e.primary is not None:
+        return e.primary
+    return next(iter(e.sets)) if e.sets else legacy_set_name(e.text)
+
+
+def _check_eval(e: EvalConfig, check_paths: bool) -> list[str]:
+    p: list[str] = []
+    if e.sets is None:
+        if e.primary is not None and e.primary != legacy_set_name(e.text):
+            p.append(f"eval.primary: {e.primary!r} is not one of the sets "
+                     f"{legacy_set_name(e.text)} (without eval.sets, eval.text is the one set)")
+    elif not e.sets:
+        p.append("eval.sets: empty (name at least one set, or leave it out to use eval.text)")
+    else:
+        if e.text != TextSource():
+            p.append("eval.text: give either eval.text (one set) or eval.sets, not both")
+        for name, s in e.sets.items():
+            key = f"eval.sets.{name}"
+            if not isinstance(name, str) or not SET_NAME.match(name):
+                p.append(f"{key}: a set name is a letter then letters, digits, '_', '.' or '-'")
+                continue
+            if not isinstance(s, EvalSetConfig):
+                continue  # reported by the binding
+            p += _check_text_source(s.text, f"{key}.text", check_paths)
+            low = [(k, v) for k in ("token_length", "stride", "max_windows", "documents")
+                   if (v := getattr(s, k)) is not None and v < 1]
+            p += [f"{key}.{k}: must be >= 1, got {v}" for k, v in low]
+            if low:
+                continue  # the set's own checks would repeat them
+            try:
+                _eval_set(e, name, s)
+            except ValueError as err:
+                p.append(f"{key}: {str(err).split(': ', 1)[-1]}")
+        if e.primary is not None and e.primary not in e.sets:
+            p.append(f"eval.primary: {e.primary!r} is not one of the sets {', '.join(e.sets)}")
+    t = e.tasks
+    if len(set(t.names)) != len(t.names):
+        p.append("eval.tasks.names: values repeat")
+    for i, n in enumerate(t.names):
+        if not n or not isinstance(n, str):
+            p.append(f"eval.tasks.names[{i}]: expected a task name, got {n!r}")
+    if t.num_fewshot is not None and t.num_fewshot < 0:
+        p.append(f"eval.tasks.num_fewshot: must be >= 0 or null, got {t.num_fewshot}")
+    if t.limit is not None and not t.limit > 0:
+        p.append(f"eval.tasks.limit: must be > 0 or null, got {t.limit}")
+    if t.limit is not None and t.limit > 1 and t.limit != int(t.limit):
+        p.append(f"eval.tasks.limit: a count of documents (an integer) or a fraction below 1, "
+                 f"got {t.limit}")
+    if t.batch_size < 1:
+        p.append(f"eval.tasks.batch_size: must be >= 1, got {t.batch_size}")
+    if t.include_path is not None and check_paths and not Path(t.include_path).expanduser().is_dir():
+        p.append(f"eval.tasks.include_path: not a directory: {t.include_path}")
+    if t.names and check_paths and importlib.util.find_spec("lm_eval") is None:
+        p.append("eval.tasks.names: tasks need the lm-eval package "
+                 "(pip install 'prune-sweep[tasks]')")
+    return p
 
 
 def _check_model(m: ModelConfig, check_paths: bool) -> list[str]:
@@ -465,6 +604,8 @@ def validate(cfg: SweepConfig, check_paths: bool = True) -> list[str]:
         p.append(f"eval.max_windows: must be >= 1, got {e.max_windows}")
     if e.batch_size < 1:
         p.append(f"eval.batch_size: must be >= 1, got {e.batch_size}")
+    if e.token_length >= 2 and 1 <= e.stride <= e.token_length:
+        p += _check_eval(e, check_paths)
     p += _check_prune(cfg, check_paths)
     for key, pat in [("prune.pattern", cfg.prune.pattern)] + [
         (f"grid.pattern[{i}]", x) for i, x in enumerate(cfg.grid.pattern or ())
@@ -542,6 +683,9 @@ def validate(cfg: SweepConfig, check_paths: bool = True) -> list[str]:
         p.append(f"checkpoint.every_steps: must be >= 1 or null, got {c.every_steps}")
     if c.keep_last < 1:
         p.append(f"checkpoint.keep_last: must be >= 1, got {c.keep_last}")
+    if c.background_staging and not (c.async_ and c.format == "sparse"):
+        p.append("checkpoint.background_staging: needs checkpoint.async: true and "
+                 f"checkpoint.format: sparse (got async {str(c.async_).lower()}, format {c.format})")
     es = cfg.early_stop
     if es.grace_period < 1:
         p.append(f"early_stop.grace_period: must be >= 1, got {es.grace_period}")

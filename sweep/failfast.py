@@ -43,7 +43,13 @@ from sweep.feasibility import (
     wait_for_placement,
 )
 from sweep.layout import SweepLayout
-from sweep.preflight import check_lengths, check_model_type, check_storage_dir, check_text
+from sweep.preflight import (
+    check_lengths,
+    check_model_type,
+    check_storage_dir,
+    check_text,
+    sequential_sets,
+)
 from trainers.fence import newest_attempt
 from trainers.spec import TrialPlan, TrialSpec
 from trainers.storage import Store
@@ -99,7 +105,8 @@ def input_problems(cfg: SweepConfig, store: Store, sweep_dir: Path) -> list[str]
         found = check_model_type(dict(cfg.model.config), "model.config")
         problems += found
         model_ok = not found
-    texts = [(cfg.data.train, "data.train"), (cfg.eval.text, "eval.text")]
+    texts = [(cfg.data.train, "data.train")]
+    texts += [(es.text, key) for es, key, _ in sequential_sets(cfg)]
     calibration = getattr(getattr(cfg.prune, "calibration", None), "text", None)
     if calibration is not None:
         texts.append((calibration, "prune.calibration.text"))

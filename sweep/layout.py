@@ -2,7 +2,8 @@
 
     SWEEP_DIR/
       sweep.yaml              the resolved config            sweep.json  fingerprint and name
-      prep/                   once per sweep: train_tokens, eval_windows, dense.json, masks/
+      prep/                   once per sweep: train_tokens, eval_windows (one file per
+                              evaluation set), dense.json, masks/
       tune/                   Ray Tune's experiment (tuner.pkl, one directory per trial)
       train/train-<trial>/    each trial's Ray Train run and its checkpoints
       results/                epochs.parquet, trials.parquet
@@ -45,6 +46,11 @@ class SweepLayout:
     @property
     def eval_windows(self) -> Path:
         return self.prep / "eval_windows.safetensors"
+
+    def set_windows(self, name: str, primary: str) -> Path:
+        """The windows of one evaluation set: the primary's are ``eval_windows`` (so sweeps
+        written before several sets existed resume unchanged), the others beside them."""
+        return self.eval_windows if name == primary else self.prep / f"eval_windows-{name}.safetensors"
 
     @property
     def dense(self) -> Path:

@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 from collections.abc import Callable
 
 from sweep.config import SweepConfig, to_dict
@@ -139,12 +140,21 @@ def format_plan(plans: list[TrialPlan]) -> str:
     return "\n".join(rows)
 
 
+# Checkpoint keys that change only how the state is written: a resume restores either format.
+CHECKPOINT_HOW = ("format", "async", "background_staging")
+
+
 def grid_fingerprint(cfg: SweepConfig) -> str:
     """What must not change between a sweep and its resume: everything that changes which
     trials exist or what a trial computes. Names, resources and logging may change."""
     d = _non_default(to_dict(cfg), to_dict(SweepConfig()))
     for volatile in ("name", "resources", "loggers", "failure"):
         d.pop(volatile, None)
+    checkpoint = d.pop("checkpoint", {})
+    for how in CHECKPOINT_HOW:  # how a checkpoint is written, not what it restores
+        checkpoint.pop(how, None)
+    if checkpoint:
+        d["checkpoint"] = checkpoint
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -183,6 +193,9 @@ def build_specs(cfg: SweepConfig, plans: list[TrialPlan], layout: SweepLayout,
             log_path=str(layout.trial_log(p.trial_id)),
             progress_path=str(layout.progress(p.trial_id)),
             export_dir=str(layout.export(p.trial_id)) if cfg.checkpoint.export_best else None,
+            tasks=cfg.eval.tasks if cfg.eval.tasks.names else None,
+            tasks_every=cfg.eval.tasks_every,
+            tasks_cwd=os.getcwd() if cfg.eval.tasks.names else None,
         )
         for p in plans
     }

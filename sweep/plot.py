@@ -2,8 +2,11 @@
 
 Left: the final perplexity (last evaluated epoch; so far, for a running trial) against
 sparsity, one line per batch size, with the pruned model before training (epoch 0) and the
-dense model for reference. Right: perplexity over epochs, one line per trial. Built from the
-Parquet results alone with matplotlib's Agg canvas (no display, no pyplot state).
+dense model for reference. Right: perplexity over epochs, one line per trial. ``--eval-set NAME``
+plots another evaluation set than the primary (from the ``evals`` table). A sweep with
+zero-shot tasks gets a third panel: a task metric over the models measured (epoch 0, the
+best, the final one), per trial, with the dense model's value. Built from the Parquet results
+alone with matplotlib's Agg canvas (no display, no pyplot state).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from sweep.api import find_sweeps, localize, read_epochs
+from sweep.api import find_sweeps, localize, read_epochs, read_long
 from sweep.report import build_report
 
 DPI = 150
@@ -166,18 +169,91 @@ def _legend(ax: Axes) -> None:
         ax.legend(fontsize=8, loc="best", framealpha=0.9)
 
 
-def plot_sweep(path: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Render the two panels for the sweep(s) at ``path`` into ``out`` (PNG, or any format
-    matplotlib knows by suffix); the file is replaced atomically. Returns ``out``."""
+def for_set(report: pd.DataFrame, epochs: pd.DataFrame, evals: pd.DataFrame,
+            name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The report and epochs with one evaluation set's perplexities in place of the primary's
+    (final, baseline, dense). ValueError naming the sets when ``name`` is not one."""
+    rows = evals[evals["set"] == name]
+    if rows.empty:
+        known = sorted(evals["set"].dropna().unique())
+        raise ValueError(f"no evaluation set {name!r} in the evals table"
+                         + (f" (sets: {', '.join(known)})" if known else " (it is empty)"))
+    rows = rows.sort_values("epoch", kind="stable")
+    by_trial = rows.groupby(["sweep", "trial_id"])
+    per = pd.DataFrame({
+        "final_perplexity": by_trial.apply(lambda g: g[g["epoch"] > 0]["perplexity"].iloc[-1]
+                                           if (g["epoch"] > 0).any() else float("nan")),
+        "baseline_perplexity": by_trial.apply(lambda g: g[g["epoch"] == 0]["perplexity"].iloc[0]
+                                              if (g["epoch"] == 0).any() else float("nan")),
+        "dense_perplexity": by_trial["dense_perplexity"].first(),
+    })
+    report = report.drop(columns=list(per.columns)).join(per, on=["sweep", "trial_id"])
+    keep = [c for c in epochs.columns if c != "perplexity"]
+    epochs = rows[["sweep", "trial_id", "epoch", "perplexity"]].merge(
+        epochs[keep], on=["sweep", "trial_id", "epoch"], how="left")
+    return report, epochs
+
+
+def _task_metric(tasks: pd.DataFrame, wanted: str | None) -> tuple[str, str]:
+    """(task, metric) to plot: ``wanted`` ("task" or "task/metric"), else the first task's
+    acc (or its first metric)."""
+    pairs = tasks[["task", "metric"]].drop_duplicates().sort_values(["task", "metric"])
+    if wanted:
+        task, _, metric = wanted.partition("/")
+        hit = pairs[(pairs["task"] == task) & ((pairs["metric"] == metric) if metric else True)]
+        if hit.empty:
+            known = ", ".join(f"{t}/{m}" for t, m in pairs.itertuples(index=False))
+            raise ValueError(f"no task metric {wanted!r} in the tasks table ({known})")
+        pairs = hit
+    task = pairs["task"].iloc[0]
+    metrics = list(pairs[pairs["task"] == task]["metric"])
+    return task, "acc" if "acc" in metrics else metrics[0]
+
+
+def _plot_tasks(ax: Axes, tasks: pd.DataFrame, task: str, metric: str) -> None:
+    """One task metric over the epochs of the models measured, one line per trial, and the
+    dense model's value as a dashed line."""
+    rows = tasks[(tasks["task"] == task) & (tasks["metric"] == metric)]
+    several = rows["sweep"].nunique() > 1
+    for value in sorted(rows["dense_value"].dropna().unique()):
+        ax.axhline(value, color="black", ls="--", lw=1.2, label=f"dense (unpruned): {value:.4g}")
+    for (sweep, tid), g in rows.groupby(["sweep", "trial_id"], sort=True):
+        g = g.sort_values("epoch")
+        ax.errorbar(g["epoch"].astype(float), g["value"], yerr=g["stderr"].fillna(0).astype(float),
+                    marker="o", lw=1.6, ms=5, capsize=3, label=f"{sweep}/{tid}" if several else tid)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"{task} {metric} (zero-shot, lm-eval)")
+    ax.set_xlabel("epoch of the model measured (0 = pruned, before training)")
+    ax.set_ylabel(f"{metric} (+/- stderr)")
+
+
+def plot_sweep(path: str | os.PathLike, out: str | os.PathLike, eval_set: str | None = None,
+               task: str | None = None) -> Path:
+    """Render the panels for the sweep(s) at ``path`` into ``out`` (PNG, or any format
+    matplotlib knows by suffix); the file is replaced atomically. Returns ``out``.
+    ``eval_set``: plot that evaluation set instead of the primary; ``task``: the task (or
+    "task/metric") of the tasks panel (default: the first task's acc). ValueError for a set
+    or task the results do not have."""
     out = Path(out)
     path = localize(path)  # an object-store URI: its results downloaded once, here
     names = [d.name for d in find_sweeps(path)]
     report, epochs = build_report(path), read_epochs(path)
-    fig = Figure(figsize=(14, 5.6), dpi=DPI, layout="constrained")
-    left, right = fig.subplots(1, 2)
+    if eval_set is not None:
+        report, epochs = for_set(report, epochs, read_long(path, "evals"), eval_set)
+    tasks = read_long(path, "tasks")
+    if task is not None and tasks.empty:
+        raise ValueError(f"no task metric {task!r}: the tasks table is empty")
+    fig = Figure(figsize=(21 if len(tasks) else 14, 5.6), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 3 if len(tasks) else 2)
+    left, right = axes[0], axes[1]
     _plot_sparsity(left, report)
     _plot_epochs(right, epochs, report)
-    for ax in (left, right):
+    if len(tasks):
+        _plot_tasks(axes[2], tasks, *_task_metric(tasks, task))
+    if eval_set is not None:
+        for ax in (left, right):
+            ax.set_title(f"{ax.get_title()} [{eval_set}]")
+    for ax in axes:
         ax.grid(True, which="major", alpha=0.35)
         ax.grid(True, which="minor", alpha=0.12)
         _legend(ax)
@@ -201,14 +277,19 @@ def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="where to write the figure (default: SWEEP_DIR/plot.png)",
     )
+    parser.add_argument("--eval-set", dest="eval_set", default=None, metavar="NAME",
+                        help="plot this evaluation set (the evals table) instead of the primary")
+    parser.add_argument("--task", default=None, metavar="TASK[/METRIC]",
+                        help="the task metric of the tasks panel (default: the first task's acc)")
 
 
 def run_plot_cli(args: argparse.Namespace) -> int:
     """Write the plot and print its path; 2 with the message on stderr without results."""
     try:
         out = args.output or Path(args.sweep_dir) / "plot.png"
-        written = plot_sweep(args.sweep_dir, out)
-    except FileNotFoundError as e:
+        written = plot_sweep(args.sweep_dir, out, getattr(args, "eval_set", None),
+                             getattr(args, "task", None))
+    except (FileNotFoundError, ValueError) as e:
         print(f"sweep plot: {e}", file=sys.stderr)
         return 2
     print(f"wrote {written}")

@@ -13,7 +13,7 @@ import difflib
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sweep.config import ConfigError
 
@@ -192,15 +192,28 @@ def _local_tokenizer(cfg: SweepConfig) -> tuple[object | None, list[str]]:
         return None, [f"{key}: {e}"]
 
 
+def sequential_sets(cfg: SweepConfig) -> list[tuple[Any, str, str]]:
+    """(set, its text's key, its window length's key) of every evaluation set read as one
+    text (the sequential protocol without a separator); the document protocols are checked
+    in preparation, which reads their documents."""
+    from sweep.config import eval_sets
+
+    if not cfg.eval.sets:
+        return [(eval_sets(cfg.eval)[0], "eval.text", "eval.token_length")]
+    return [(es, f"eval.sets.{es.name}.text",
+             f"eval.sets.{es.name}.token_length" if cfg.eval.sets[es.name].token_length
+             else "eval.token_length")
+            for es in eval_sets(cfg.eval) if es.protocol == "sequential" and es.separator is None]
+
+
 def check_lengths(cfg: SweepConfig) -> list[str]:
     """The evaluation text holds one window of ``eval.token_length`` and the training text one
     block of ``data.seq_len`` tokens. Texts that are long in bytes pass without tokenizing
     (``BYTES_PER_TOKEN_BOUND``); short ones are tokenized with the sweep's tokenizer when it
     is local (the hub is never asked before Ray starts). Run after ``check_text`` passed."""
-    cases = [
-        (cfg.eval.text, "eval.text", cfg.eval.token_length, cfg.eval.stride, "eval.token_length"),
-        (cfg.data.train, "data.train", cfg.data.seq_len, cfg.data.seq_len, "data.seq_len"),
-    ]
+    cases = [(es.text, text_key, es.token_length, es.stride or es.token_length, length_key)
+             for es, text_key, length_key in sequential_sets(cfg)]
+    cases.append((cfg.data.train, "data.train", cfg.data.seq_len, cfg.data.seq_len, "data.seq_len"))
     short = [(text, *rest) for src, *rest in cases
              if (text := _maybe_short(src, rest[1])) is not None]
     if not short:

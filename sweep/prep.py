@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from eval.perplexity import evaluate, make_windows, tokenize_text
+from eval.perplexity import evaluate, tokenize_text
+from eval.sets import windows_for
 from eval.text import load_text
-from sweep.config import SweepConfig, to_dict
+from sweep.config import SweepConfig, eval_sets, primary_set, to_dict
 from sweep.layout import SweepLayout
 from sweep.preflight import input_error
 from trainers.data import pack_blocks
@@ -28,6 +29,7 @@ from trainers.prune import prunable_linears, save_masks
 from trainers.pruning import Recipe, calibration_ids, prune_model
 from trainers.spec import ModelConfig, Prepared, TrialPlan
 from trainers.storage import Store
+from trainers.zeroshot import measure_tasks
 
 
 def _save_tensors(tensors: dict, path: Path) -> None:
@@ -41,10 +43,15 @@ class Preparation:
 
     model_dir: str
     train_tokens: str
-    eval_windows: str
-    dense: dict  # the dense model's evaluation: perplexity, windows, tokens, seconds, model
+    eval_windows: str  # the primary set's windows
+    # The dense model's evaluation: perplexity, windows, tokens, seconds (the primary set),
+    # model; "sets": every set's {perplexity, windows, tokens, seconds}; "tasks": task rows.
+    dense: dict
     pruned: dict[str, tuple[str, str | None, str]]  # trial id -> (masks, weights, recipe) files
     timings: dict[str, float]
+    # Every evaluation set as (name, windows file), the primary first.
+    eval_sets: tuple[tuple[str, str], ...] = ()
+    primary: str = "text"
 
     @property
     def dense_perplexity(self) -> float | None:
@@ -54,7 +61,7 @@ class Preparation:
     def prepared(self, trial_id: str) -> Prepared:
         masks, weights, recipe = self.pruned[trial_id]
         return Prepared(self.model_dir, self.train_tokens, self.eval_windows, masks,
-                        self.dense_perplexity, weights, recipe)
+                        self.dense_perplexity, weights, recipe, self.eval_sets, self.primary)
 
 
 def recipe_of(cfg: SweepConfig, plan: TrialPlan) -> Recipe:
@@ -106,10 +113,11 @@ def _prune(cfg: SweepConfig, layout: SweepLayout, plan: TrialPlan, local_mc: Mod
 
 
 def prepare(cfg: SweepConfig, sweep_dir: str, cache_dir: str, plans: list[TrialPlan],
-            threads: int, store: Store | None = None) -> Preparation:
+            threads: int, store: Store | None = None, cwd: str | None = None) -> Preparation:
     """Runs as a Ray task (so on a cluster it lands where a worker would). With a URI ``store``
     (trainers/storage.py) what the store already holds is pulled instead of recomputed, and
-    what is computed here is pushed to it."""
+    what is computed here is pushed to it. ``cwd``: where relative task paths are read from
+    (the directory ``sweep run`` started in)."""
     layout = SweepLayout.of(sweep_dir)
     store = store or Store(layout.root.parent)  # a plain directory: nothing to sync
     torch.set_num_threads(threads)
@@ -137,30 +145,50 @@ def prepare(cfg: SweepConfig, sweep_dir: str, cache_dir: str, plans: list[TrialP
             tokens = tokenize_text(tokenizer, load_text(cfg.data.train)).to(torch.int64)
             pack_blocks(tokens, cfg.data.seq_len)  # fails early when the text is too short
         _save_tensors({"tokens": tokens}, layout.train_tokens)
-    if not layout.eval_windows.exists():
-        with input_error("eval.text"):
-            tokens = tokenize_text(tokenizer, load_text(cfg.eval.text))
-            ids, labels = make_windows(tokens, cfg.eval.token_length, cfg.eval.stride,
-                                       cfg.eval.max_windows)
-        _save_tensors({"input_ids": ids, "labels": labels}, layout.eval_windows)
+    # Every evaluation set tokenized once, into a windows file of its own (primary first).
+    primary = primary_set(cfg.eval)
+    sets = sorted(eval_sets(cfg.eval), key=lambda es: es.name != primary)
+    windows = {es.name: layout.set_windows(es.name, primary) for es in sets}
+    for es in sets:
+        if not windows[es.name].exists():
+            with input_error("eval.sets." + es.name if cfg.eval.sets else "eval.text"):
+                ids, labels = windows_for(es, tokenizer)
+            _save_tensors({"input_ids": ids, "labels": labels}, windows[es.name])
     timings["tokenize_s"] = time.perf_counter() - t
 
-    if layout.dense.exists():
-        dense = json.loads(layout.dense.read_text())
-    else:
-        t = time.perf_counter()
+    dense = json.loads(layout.dense.read_text()) if layout.dense.exists() else {}
+    # A dense.json of a sweep written before several sets lacks "sets": its one set is the
+    # primary, measured already.
+    measured = dense.get("sets") or ({primary: {k: dense[k] for k in ("perplexity", "windows",
+                                                                       "tokens", "seconds")}}
+                                     if dense else {})
+    missing = [name for name in windows if name not in measured]
+    wants_tasks = bool(cfg.eval.tasks.names) and "tasks" not in dense
+    if missing or wants_tasks:
         model = load_model(local_mc).to(device)
-        w = load_file(str(layout.eval_windows))
-        ev = evaluate(model, w["input_ids"], w["labels"], batch_size=cfg.eval.batch_size, progress=True)
-        dense = {**ev, "seconds": time.perf_counter() - t, "model": to_dict(cfg.model)}
+        for name in missing:
+            t = time.perf_counter()
+            w = load_file(str(windows[name]))
+            ev = evaluate(model, w["input_ids"], w["labels"], batch_size=cfg.eval.batch_size,
+                          progress=True)
+            measured[name] = {**ev, "seconds": time.perf_counter() - t}
+        dense = {**measured[primary], "model": to_dict(cfg.model), "sets": measured,
+                 **({"tasks": dense["tasks"]} if "tasks" in dense else {})}
+        if wants_tasks:
+            t = time.perf_counter()
+            with input_error("eval.tasks"):
+                dense["tasks"] = measure_tasks(model, tokenizer, cfg.eval.tasks, cwd) or []
+            timings["dense_tasks_s"] = time.perf_counter() - t
         write_json(layout.dense, dense)
+        del model
 
     pruned = {p.trial_id: _prune(cfg, layout, p, local_mc, tokenizer, device, timings)
               for p in plans}
     t = time.perf_counter()
     files = sorted({Path(f) for trio in pruned.values() for f in trio if f})
-    store.push_missing(model_dir, layout.train_tokens, layout.eval_windows, layout.dense, *files)
+    store.push_missing(model_dir, layout.train_tokens, *windows.values(), layout.dense, *files)
     if store.remote:
         timings["push_s"] = time.perf_counter() - t
     return Preparation(str(model_dir), str(layout.train_tokens), str(layout.eval_windows),
-                       dense, pruned, timings)
+                       dense, pruned, timings,
+                       tuple((name, str(path)) for name, path in windows.items()), primary)

@@ -1,6 +1,7 @@
 """``sweep query``: SQL (DuckDB) or filter/sort flags over a sweep's Parquet results.
 
-Two views, ``epochs`` and ``trials``, read the Parquet files of every sweep under the path
+Four views, ``epochs``, ``trials``, ``evals`` (every evaluation set's perplexity per epoch)
+and ``tasks`` (zero-shot task metrics), read the Parquet files of every sweep under the path
 (``read_parquet([...], union_by_name=true)``); columns of the schema that an older file lacks
 read as NULL, so queries written against the current schema keep working.
 
@@ -26,7 +27,8 @@ import duckdb
 
 from sweep.api import TABLES, find_sweeps, localize, parquet_files
 
-DEFAULT_SORT = {"epochs": "sweep, trial_id, epoch", "trials": "sweep, trial_id"}
+DEFAULT_SORT = {"epochs": "sweep, trial_id, epoch", "trials": "sweep, trial_id",
+                "evals": "sweep, trial_id, epoch, set", "tasks": "sweep, trial_id, epoch, task, metric"}
 FORMATS = ("table", "csv", "json")
 
 
@@ -57,7 +59,8 @@ def _view_sql(con: duckdb.DuckDBPyConnection, path: str | os.PathLike, table: st
 
 
 def connect(path: str | os.PathLike) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with views ``epochs`` and ``trials`` over ``path``."""
+    """An in-memory DuckDB connection with a view per table (``epochs``, ``trials``,
+    ``evals``, ``tasks``) over ``path``."""
     path = localize(path)  # an object-store URI: its results downloaded once, here
     find_sweeps(path)  # FileNotFoundError naming the path before anything else
     con = duckdb.connect(":memory:")
@@ -237,7 +240,7 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
         "sql",
         nargs="?",
         default=None,
-        help="SQL over the views epochs and trials (default: SELECT * FROM epochs ORDER BY sweep, trial_id, epoch)",
+        help="SQL over the views epochs, trials, evals and tasks (default: SELECT * FROM epochs ORDER BY sweep, trial_id, epoch)",
     )
     parser.add_argument(
         "--table", choices=list(TABLES), help="select from this table instead of SQL"

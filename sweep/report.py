@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from sweep.api import load, localize
+from sweep.api import load, localize, read_long
 from sweep.query import format_table
 
 COLUMNS = [
@@ -111,9 +111,40 @@ def _fill_dense(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+# Extra columns from the long tables: "set:<name>" (the final perplexity on an evaluation set
+# other than the primary) and "task:<task>/<metric>" (the final model's value).
+SET_PREFIX, TASK_PREFIX = "set:", "task:"
+
+
+def _last_values(rows: pd.DataFrame, key: str, value: str, prefix: str) -> pd.DataFrame:
+    """Per (sweep, trial_id): the value at each ``key``'s last epoch, one column per key."""
+    if rows.empty:
+        return pd.DataFrame()
+    last = rows.sort_values("epoch", kind="stable").groupby(
+        ["sweep", "trial_id", key], sort=True)[value].last()
+    wide = last.unstack(key)
+    wide.columns = [f"{prefix}{c}" for c in wide.columns]
+    return wide.astype("float64")
+
+
+def long_columns(path: str | os.PathLike) -> pd.DataFrame:
+    """The report's per-set and per-task columns, indexed by (sweep, trial_id)."""
+    evals, tasks = read_long(path, "evals"), read_long(path, "tasks")
+    others = evals[evals["primary"].fillna(0) != 1]
+    tasks = tasks.assign(name=tasks["task"] + "/" + tasks["metric"])
+    parts = [p for p in (_last_values(others, "set", "perplexity", SET_PREFIX),
+                         _last_values(tasks, "name", "value", TASK_PREFIX)) if not p.empty]
+    return pd.concat(parts, axis=1) if parts else pd.DataFrame()
+
+
+def extra_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c.startswith((SET_PREFIX, TASK_PREFIX))]
+
+
 def build_report(path: str | os.PathLike) -> pd.DataFrame:
     """One row per trial over every sweep under ``path``, sorted by sweep, sparsity, batch
-    size; ``best`` marks the lowest best perplexity at each (sweep, sparsity)."""
+    size; ``best`` marks the lowest best perplexity at each (sweep, sparsity). Sweeps with
+    several evaluation sets or tasks add a column per other set and per task metric."""
     df = pd.DataFrame(_records(path))
     for col in COLUMNS:
         if col not in df:
@@ -136,6 +167,9 @@ def build_report(path: str | os.PathLike) -> pd.DataFrame:
     if len(ranked):
         idx = ranked.groupby(["sweep", "sparsity"])["best_perplexity"].idxmin()
         df.loc[idx.to_numpy(), "best"] = True
+    extra = long_columns(path)
+    if not extra.empty:
+        df = df.join(extra, on=["sweep", "trial_id"])
     return df
 
 
@@ -184,6 +218,8 @@ def report_cells(r: dict[str, Any]) -> dict[str, str]:
         "best": _f(r["best_perplexity"]),
         "@ep": _text(r["best_epoch"]),
         "improv": improv + "%" if improv else "",
+        **{c[len(SET_PREFIX):]: _f(v) for c, v in r.items() if c.startswith(SET_PREFIX)},
+        **{c[len(TASK_PREFIX):]: _f(v, ".3f") for c, v in r.items() if c.startswith(TASK_PREFIX)},
         "epochs": (_text(done) or "0") + ("" if _missing(total) else f"/{total}"),
         "status": _text(r["status"]),
         "stop_reason": _text(r["stop_reason"]),
@@ -217,7 +253,20 @@ def format_report(df: pd.DataFrame) -> str:
         footer=False,
         right=[c not in LEFT for c in columns],
     )
-    return table + "\n" + LEGEND
+    return table + "\n" + LEGEND + _extra_legend(df)
+
+
+def _extra_legend(df: pd.DataFrame) -> str:
+    sets = [c[len(SET_PREFIX):] for c in df.columns if c.startswith(SET_PREFIX)]
+    tasks = [c for c in df.columns if c.startswith(TASK_PREFIX)]
+    out = ""
+    if sets:
+        out += (f"\n{', '.join(sets)}: final perplexity on that evaluation set (the other "
+                "columns use the primary set); sweep query: the evals table.")
+    if tasks:
+        out += ("\ntask/metric: the final model's zero-shot value (lm-eval); epoch 0, the best "
+                "model and the dense model: the tasks table.")
+    return out
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:

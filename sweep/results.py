@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainers.files import atomic_write
-from trainers.metrics import EPOCH_COLUMNS
+from trainers.metrics import EPOCH_COLUMNS, EVAL_COLUMNS, TASK_COLUMNS
 
 # Bump when a column is renamed or removed (adding columns keeps the version); the README's
 # "Result schema" section documents each version.
@@ -31,6 +31,9 @@ ARROW_TYPES = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(),
 # The epochs table follows from the trial's report (trainers.metrics): one row per
 # (trial_id, epoch).
 EPOCHS_SCHEMA = pa.schema([(c.name, ARROW_TYPES[c.type]) for c in EPOCH_COLUMNS])
+# The long tables: one row per (trial_id, epoch, set) and per (trial_id, epoch, task, metric).
+EVALS_SCHEMA = pa.schema([(c.name, ARROW_TYPES[c.type]) for c in EVAL_COLUMNS])
+TASKS_SCHEMA = pa.schema([(c.name, ARROW_TYPES[c.type]) for c in TASK_COLUMNS])
 
 TRIALS_SCHEMA = pa.schema(
     [
@@ -72,6 +75,14 @@ END_STATUSES = ("completed", "early_stopped", "diverged", "errored")
 
 EPOCHS_FILE = "epochs.parquet"
 TRIALS_FILE = "trials.parquet"
+EVALS_FILE = "evals.parquet"
+TASKS_FILE = "tasks.parquet"
+
+# The per-epoch tables beside epochs: file, schema, and the columns that key a row.
+LONG_TABLES = {
+    "evals": (EVALS_FILE, EVALS_SCHEMA, ("trial_id", "epoch", "set")),
+    "tasks": (TASKS_FILE, TASKS_SCHEMA, ("trial_id", "epoch", "task", "metric")),
+}
 
 
 def results_dir(sweep_dir: str | os.PathLike) -> Path:
@@ -122,6 +133,11 @@ class ResultsWriter:
             (r["trial_id"], r["epoch"]): r for r in read_rows(self.dir / EPOCHS_FILE)
         }
         self._trials: dict[str, dict] = {r["trial_id"]: r for r in read_rows(self.dir / TRIALS_FILE)}
+        # evals and tasks, keyed like epochs plus their set / (task, metric).
+        self._long: dict[str, dict[tuple, dict]] = {
+            name: {tuple(r[k] for k in key): r for r in read_rows(self.dir / file)}
+            for name, (file, _, key) in LONG_TABLES.items()
+        }
 
     # -- reads -----------------------------------------------------------------------------
     def trial(self, trial_id: str) -> dict | None:
@@ -153,8 +169,33 @@ class ResultsWriter:
             self._flush_epochs()
             return True
 
+    def long_rows(self, table: str, trial_id: str) -> list[dict]:
+        """One trial's rows of ``evals`` or ``tasks``, by epoch."""
+        rows = [dict(r) for k, r in self._long[table].items() if k[0] == trial_id]
+        return sorted(rows, key=lambda r: r["epoch"])
+
+    def upsert_long(self, table: str, rows: list[dict[str, Any]]) -> bool:
+        """Upsert rows of ``evals`` or ``tasks`` (one report's), with the epochs table's rule:
+        a stored row of a newer driver attempt is kept. False when fenced."""
+        if not rows:
+            return True
+        file, schema, key = LONG_TABLES[table]
+        with self._lock:
+            if self.stopped():
+                return False
+            store = self._long[table]
+            for row in rows:
+                k = tuple(row[c] for c in key)
+                old = store.get(k, {})
+                if (old.get("driver_attempt") or 0) > (row.get("driver_attempt") or 0):
+                    continue
+                store[k] = {**old, **row}
+            self._flush_long(table)
+            return True
+
     def drop_epochs_after(self, trial_id: str, epoch: int) -> None:
-        """Forget rows past ``epoch`` (a trial restarted from an earlier checkpoint)."""
+        """Forget rows past ``epoch`` (a trial restarted from an earlier checkpoint), in the
+        epochs table and in evals and tasks."""
         with self._lock:
             if self.stopped():
                 return
@@ -163,6 +204,12 @@ class ResultsWriter:
                 del self._epochs[k]
             if stale:
                 self._flush_epochs()
+            for table, store in self._long.items():
+                stale = [k for k in store if k[0] == trial_id and k[1] > epoch]
+                for k in stale:
+                    del store[k]
+                if stale:
+                    self._flush_long(table)
 
     def upsert_trial(self, row: dict[str, Any]) -> None:
         with self._lock:
@@ -179,6 +226,14 @@ class ResultsWriter:
             )
             if self._on_write:
                 self._on_write(self.dir / TRIALS_FILE)
+
+    def _flush_long(self, table: str) -> None:
+        file, schema, key = LONG_TABLES[table]
+        rows = sorted(self._long[table].values(),
+                      key=lambda r: tuple("" if r[c] is None else r[c] for c in key))
+        write_table_atomic(rows, schema, self.dir / file)
+        if self._on_write:
+            self._on_write(self.dir / file)
 
     def _flush_epochs(self) -> None:
         rows = sorted(self._epochs.values(), key=lambda r: (r["trial_id"], r["epoch"]))

@@ -201,7 +201,8 @@ def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | 
         cache_dir = str(store.local / ".cache" / "models")
         console.phase("preparing")
         try:
-            prep = ray.get(task.remote(cfg, str(sweep_dir), cache_dir, plans, threads, store))
+            prep = ray.get(task.remote(cfg, str(sweep_dir), cache_dir, plans, threads, store,
+                                       os.getcwd()))
         except ray.exceptions.RayTaskError as e:
             problem = failfast.prep_error(e)
             if problem is None:
@@ -221,7 +222,7 @@ def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | 
                                       specs=failfast.fence_specs(ctx.specs, lease.attempt, layout))
         log(disk_line(estimate(cfg, plans, _prepared_params(cfg, prep.model_dir), layout.eval_windows)))
         console.phase("running")
-        tuner = _make_or_restore_tuner(cfg, plans, ctx, prep.dense_perplexity, log)
+        tuner = _make_or_restore_tuner(cfg, plans, ctx, prep.dense_perplexity, log, prep.dense)
         try:
             tuner.fit()
         except Exception as e:
@@ -261,13 +262,20 @@ def _close_console(console, log: SweepLog) -> None:
 def _prepared_params(cfg: SweepConfig, model_dir: str):
     """The parameter count from the prepared model's safetensors headers when this machine
     sees them (no model code imported), else from the config."""
-    from sweep.estimate import ParamCount, count_parameters, safetensors_parameters
+    from sweep.estimate import (
+        ParamCount,
+        count_parameters,
+        masked_parameters,
+        safetensors_parameters,
+    )
 
     try:
         n = safetensors_parameters(Path(model_dir))
     except OSError:
         n = None
-    return ParamCount(n, "safetensors headers") if n is not None else count_parameters(cfg.model)
+    if n is None:
+        return count_parameters(cfg.model)
+    return ParamCount(n, "safetensors headers", masked_parameters(Path(model_dir)))
 
 
 def model_name(cfg: SweepConfig) -> str:
@@ -283,14 +291,15 @@ def calibration_by_trial(cfg: SweepConfig, plans) -> dict[str, str | None]:
     return {p.trial_id: text if recipe_of(cfg, p).needs_calibration else None for p in plans}
 
 
-def _make_or_restore_tuner(cfg, plans, ctx, dense, log: SweepLog):
+def _make_or_restore_tuner(cfg, plans, ctx, dense, log: SweepLog, dense_detail: dict | None = None):
     from sweep.tuner import build_tuner, restore_tuner
 
-    tuner = restore_tuner(cfg, ctx)
+    tuner = restore_tuner(cfg, ctx, dense_detail)
     if tuner is not None:
         log(f"resuming the Tune experiment in {ctx.layout.tune} (finished trials are kept)")
         return tuner
-    tuner, n = build_tuner(cfg, plans, ctx, model_name(cfg), dense, calibration_by_trial(cfg, plans))
+    tuner, n = build_tuner(cfg, plans, ctx, model_name(cfg), dense, calibration_by_trial(cfg, plans),
+                           dense_detail)
     log(f"running {len(plans)} trials, at most {n} at once")
     return tuner
 

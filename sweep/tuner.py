@@ -12,7 +12,7 @@ from ray import tune
 
 from sweep.callbacks import PlacementGroupReaper, ResultsCallback, logger_callbacks, trial_key
 from sweep.cluster import max_concurrent_trials, trial_resources
-from sweep.config import SweepConfig
+from sweep.config import SweepConfig, primary_set
 from sweep.driver import DriverContext, trial_driver
 from sweep.ray_private import tuner_run_callbacks
 from trainers.spec import TrialPlan
@@ -39,7 +39,7 @@ def make_trainable(cfg: SweepConfig, ctx: DriverContext):
     )
 
 
-def restore_tuner(cfg: SweepConfig, ctx: DriverContext):
+def restore_tuner(cfg: SweepConfig, ctx: DriverContext, dense_detail: dict | None = None):
     """The sweep's Tune experiment if one can be continued (finished trials kept, unfinished
     and errored ones resumed), else None."""
     where = ctx.store.ray_storage(ctx.layout.tune)
@@ -53,11 +53,13 @@ def restore_tuner(cfg: SweepConfig, ctx: DriverContext):
     for callback in tuner_run_callbacks(tuner):
         if isinstance(callback, ResultsCallback):
             callback.relocate(str(ctx.layout.root), ctx.store, ctx.attempt)
+            callback.set_dense(dense_detail, primary_set(cfg.eval))
     return tuner
 
 
 def build_tuner(cfg: SweepConfig, plans: list[TrialPlan], ctx: DriverContext, model_name: str,
-                dense: float | None, calibration: dict[str, str | None] | None = None):
+                dense: float | None, calibration: dict[str, str | None] | None = None,
+                dense_detail: dict | None = None):
     n = max_concurrent_trials(
         ray.cluster_resources(), trial_resources(cfg), len(plans), cfg.resources.max_concurrent_trials
     )
@@ -66,6 +68,7 @@ def build_tuner(cfg: SweepConfig, plans: list[TrialPlan], ctx: DriverContext, mo
         scheduler_name=cfg.early_stop.scheduler.upper(), store=ctx.store, calibration=calibration,
     )
     callback.attempt = ctx.attempt
+    callback.set_dense(dense_detail, primary_set(cfg.eval))
     scheduler = build_scheduler(cfg)
     # The metric is perplexity, lower is better; a scheduler carries it itself (Tune refuses
     # it twice), otherwise the Tuner does, so ResultGrid.get_best_result() works.

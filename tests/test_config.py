@@ -84,6 +84,14 @@ BAD_INPUTS = {
         with_model(resources={"placement_timeout_s": 0}), "resources.placement_timeout_s"),
     "over-subscription below 1": (
         with_model(resources={"oversubscription": 0.5}), "resources.oversubscription"),
+    "bad checkpoint format": (with_model(checkpoint={"format": "zip"}), "checkpoint.format"),
+    "checkpoint async not a bool": (with_model(checkpoint={"async": "yes"}), "checkpoint.async"),
+    "background staging of a synchronous save": (
+        with_model(checkpoint={"async": False, "background_staging": True}),
+        "checkpoint.background_staging"),
+    "background staging of a dense save": (
+        with_model(checkpoint={"format": "dense", "background_staging": True}),
+        "checkpoint.background_staging"),
 }
 
 
@@ -278,6 +286,15 @@ def test_defaults():
     assert cfg.eval.text.dataset == "wikitext"
     assert cfg.eval.text.dataset_config == "wikitext-2-raw-v1"
     assert cfg.eval.text.split == "test"
+
+
+def test_checkpoint_async_is_spelled_as_in_yaml():
+    """`async` is a Python keyword: the field is `async_`, the key (and to_dict) `async`."""
+    cfg = from_dict(with_model(checkpoint={"async": False}), check_paths=False)
+    assert cfg.checkpoint.async_ is False and cfg.checkpoint.format == "sparse"
+    assert to_dict(cfg)["checkpoint"]["async"] is False
+    assert "async_" not in to_dict(cfg)["checkpoint"]
+    assert "checkpoint.async_: unknown key" in str(config_error(with_model(checkpoint={"async_": 1})))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -249,6 +249,8 @@ def test_fingerprint_ignores_name_resources_loggers_failure():
         resources=ResourcesConfig(workers=4, cpus_per_worker=2),
         loggers=("wandb",),
         failure=FailureConfig(worker_max_failures=5),
+        # How checkpoints are written: a resume restores either format.
+        checkpoint=dataclasses.replace(cfg.checkpoint, format="dense", async_=False),
     )
     assert grid_fingerprint(same) == grid_fingerprint(cfg)
 

@@ -6,7 +6,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from sweep.config import SweepConfig, TextSource
+from sweep.config import SweepConfig, TextSource, config_key
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -16,9 +16,9 @@ def _keys(cls, prefix: str = ""):
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp) and tp is not TextSource:
-            yield from _keys(tp, f"{prefix}{f.name}.")
+            yield from _keys(tp, f"{prefix}{config_key(f)}.")
         else:
-            yield prefix + f.name
+            yield prefix + config_key(f)
 
 
 def test_every_config_key_is_in_the_readme():

@@ -30,6 +30,12 @@ from trainers.parallel import (
     sparsity_summary,
 )
 from trainers.prune import apply_masks, decoder_blocks, load_layer_weights, load_masks
+from trainers.sparse_state import (
+    AsyncCheckpointer,
+    is_sparse_checkpoint,
+    load_sparse_state,
+    save_sparse_state,
+)
 from trainers.spec import ModelConfig, TrialSpec
 from trainers.step import lr_at, train_step
 
@@ -68,6 +74,7 @@ class TrialCore:
         self.rank, self.world = rank, world
         self.device = device or torch.device("cpu")
         self.st = LoopState()
+        self.checkpointer: AsyncCheckpointer | None = None
         self.t_start = time.perf_counter()
         torch.set_num_threads(spec.threads)
         torch.manual_seed(spec.train.seed + rank)
@@ -90,6 +97,11 @@ class TrialCore:
         )
         self.blocks = pack_blocks(load_file(prep.train_tokens)["tokens"], self.spec.seq_len)
         self.windows = load_file(prep.eval_windows)
+        # Every evaluation set's windows, the primary first (the same tensors as self.windows).
+        self.sets = {prep.primary_set: self.windows}
+        self.sets.update((name, load_file(path)) for name, path in prep.eval_sets
+                         if name != prep.primary_set)
+        self.tokenizer = None  # loaded by the first task measurement
         self.recipe = json.loads(Path(prep.recipe).read_text()) if prep.recipe else {}
         self.teacher, self.loss_fn = None, ce_loss
         distill = replace(self.spec.train.distill, kind=self.plan.distill)
@@ -98,6 +110,16 @@ class TrialCore:
             # state and no checkpoint (a resumed trial loads it again from the prepared model).
             self.teacher = self._shard(load_model(ModelConfig(name_or_path=prep.model_dir)))
             self.loss_fn = make_loss_fn(self.teacher, distill)
+        self.checkpointer = self._checkpointer()
+
+    def _checkpointer(self) -> AsyncCheckpointer | None:
+        """The background writer of sparse checkpoints (``checkpoint.async``), made here on
+        every rank: its gloo group is created by all ranks together, at the same point."""
+        ck = self.spec.checkpoint
+        if not (ck.enabled and ck.format == "sparse" and ck.async_):
+            return None
+        return AsyncCheckpointer(self.model, self.opt, self.pruned,
+                                 background_staging=ck.background_staging)
 
     def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.device.type == "cuda":
@@ -106,17 +128,43 @@ class TrialCore:
         return shard_model(model, blocks, mixed_precision=self.device.type == "cuda")
 
     # -- measuring ---------------------------------------------------------------------------
-    def evaluate(self) -> dict:
-        """Perplexity on the evaluation windows, sharded across ranks; adds ``seconds``."""
+    def evaluate(self, name: str | None = None) -> dict:
+        """Perplexity on one evaluation set's windows (None: the primary), sharded across
+        ranks; adds ``seconds``."""
+        windows = self.windows if name is None else self.sets[name]
         t0 = time.perf_counter()
         out = evaluate(
-            self.model, self.windows["input_ids"], self.windows["labels"],
+            self.model, windows["input_ids"], windows["labels"],
             batch_size=self.spec.eval_batch_size, rank=self.rank, world_size=self.world,
             all_reduce=all_reduce_sum if self.world > 1 else None,
             progress=self.spec.progress_bar and self.rank == 0,
         )
         out["seconds"] = time.perf_counter() - t0
         return out
+
+    def evaluate_sets(self, primary: dict) -> dict[str, dict]:
+        """Every set's {perplexity, tokens, windows, seconds}: ``primary`` (the primary set's
+        evaluation, already done) and each other set, in the order prepared."""
+        out = {}
+        for name in self.sets:
+            ev = primary if name == self.spec.prepared.primary_set else self.evaluate(name)
+            out[name] = {k: ev[k] for k in ("perplexity", "tokens", "windows", "seconds")}
+        return out
+
+    def measure_tasks(self, model_dir: str | None = None) -> list[dict] | None:
+        """Zero-shot task rows of the model as it is now, or of the Hugging Face directory
+        ``model_dir`` (the exported best model), loaded and sharded like the student for the
+        measurement and dropped after it. A collective: every rank runs the harness on the
+        same requests (trainers/zeroshot.py); rank 0 gets the rows, the others None."""
+        from trainers.model import load_tokenizer
+        from trainers.zeroshot import measure_tasks
+
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(ModelConfig(name_or_path=self.spec.prepared.model_dir))
+        model = self.model if model_dir is None else self._shard(
+            load_model(ModelConfig(name_or_path=model_dir)))
+        rows = measure_tasks(model, self.tokenizer, self.spec.tasks, self.spec.tasks_cwd)
+        return rows if self.rank == 0 else None
 
     def measure_sparsity(self) -> dict:
         """min / mean / max / overall over the pruned layers, measured on the weights; the
@@ -152,10 +200,20 @@ class TrialCore:
 
     # -- state -------------------------------------------------------------------------------
     def save(self, directory: Path, state: dict) -> None:
-        save_training_state(directory, self.model, self.opt, state)
+        """A synchronous save in ``checkpoint.format`` (all ranks; ``directory`` fresh)."""
+        if self.spec.checkpoint.format == "dense":
+            save_training_state(directory, self.model, self.opt, state)
+        else:
+            save_sparse_state(directory, self.model, self.opt, self.pruned, state)
 
     def restore(self, directory: Path) -> None:
-        self.st = LoopState(**load_training_state(directory, self.model, self.opt))
+        """Either format, whatever ``checkpoint.format`` says now: checkpoints of sweeps
+        saved by earlier versions are dense."""
+        if is_sparse_checkpoint(directory):
+            state = load_sparse_state(directory, self.model, self.opt, self.pruned)
+        else:
+            state = load_training_state(directory, self.model, self.opt)
+        self.st = LoopState(**state)
 
     def export(self, out_dir: Path) -> None:
         """The model as it is now, as a Hugging Face directory (a collective)."""

@@ -12,14 +12,16 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
+
+import torch.distributed as dist
 
 from trainers.core import TrialCore
 from trainers.distill import teacher_memory_mb
 from trainers.fence import Fenced, adopt_attempt, check_fence
 from trainers.metrics import EvalReport
+from trainers.saving import SavingHooks
 from trainers.stopping import divergence, plateau
 from trainers.trial_log import (
     TrialLog,
@@ -42,22 +44,45 @@ class Hooks(Protocol):
     def push(self, path: str | None) -> None:
         """A finished file or directory may be copied elsewhere (an object store)."""
 
+    def flush(self, core: TrialCore) -> None:
+        """Send the checkpoint still being written (at the trial's end; every rank)."""
 
-class LocalHooks:
-    """One process, no Ray: reports are kept in a list, checkpoints in ``checkpoint_dir``."""
+    def close(self, core: TrialCore) -> None:
+        """The trial ended on this rank, well or not: drop what was not sent."""
+
+
+class LocalHooks(SavingHooks):
+    """One process, no Ray: reports are kept in a list (as Tune would see them), the latest
+    checkpoint in ``checkpoint_dir``: each is written to a temporary sibling and renamed into
+    place once complete and sent (``trainers.saving``), so a crash mid-write leaves the
+    previous one. Ranks of one trial may share the directory (rank 0 renames)."""
 
     def __init__(self, checkpoint_dir: Path | None = None):
         self.reports: list[dict] = []
+        self.checkpoints: list[int] = []  # the step of each checkpoint sent
         self.checkpoint_dir = checkpoint_dir
 
     def report(self, core: TrialCore, metrics: dict, save: bool) -> None:
-        self.reports.append(metrics)
         if save and self.checkpoint_dir and core.spec.checkpoint.enabled:
-            tmp = self.checkpoint_dir.with_name(f".{self.checkpoint_dir.name}.tmp")
+            self.save_point(core, metrics)
+        else:
+            self.send(core, metrics, None)
+
+    def fresh_dir(self, core: TrialCore) -> Path:
+        tmp = self.checkpoint_dir.with_name(f".{self.checkpoint_dir.name}.tmp")
+        if core.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            core.save(tmp, asdict(core.st))
-            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-            os.replace(tmp, self.checkpoint_dir)
+        _barrier(core)  # no rank writes before it is empty, nor before the last rename
+        return tmp
+
+    def send(self, core: TrialCore, metrics: dict, checkpoint: Path | None) -> None:
+        self.reports.append(metrics)
+        if checkpoint is not None:
+            self.checkpoints.append(metrics["steps"])
+            _barrier(core)  # every rank's files are in (a dense save ends without agreeing)
+            if core.rank == 0:
+                shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+                os.replace(checkpoint, self.checkpoint_dir)
 
     def restore(self, core: TrialCore) -> bool:
         if self.checkpoint_dir is None or not self.checkpoint_dir.is_dir():
@@ -67,6 +92,11 @@ class LocalHooks:
 
     def push(self, path: str | None) -> None:
         pass
+
+
+def _barrier(core: TrialCore) -> None:
+    if core.world > 1:
+        dist.barrier()
 
 
 PROGRESS_BYTES = 128  # the progress record, padded with spaces (valid JSON whitespace)
@@ -108,12 +138,14 @@ def run_trial(core: TrialCore, hooks: Hooks) -> None:
             baseline(core, hooks, log)
         while st.epoch < spec.plan.num_epochs and not st.stopped:
             epoch(core, hooks, log, progress)
+        hooks.flush(core)
         log(format_summary(st.baseline, st.history[-1]["perplexity"], st.best, st.best_epoch))
         hooks.push(spec.log_path)
     except Fenced as e:
         # An orphan of a killed or superseded driver: end quietly, nothing more is written.
         log(f"stopped without writing: {e}")
     finally:
+        hooks.close(core)
         progress.close()
 
 
@@ -149,6 +181,7 @@ def baseline(core: TrialCore, hooks: Hooks, log: TrialLog) -> None:
     st, plan, dense = core.st, core.plan, core.spec.prepared.dense_perplexity
     summary = core.measure_sparsity()
     ev = core.evaluate()
+    evals = core.evaluate_sets(ev)
     st.baseline = st.best = ev["perplexity"]
     st.best_epoch = 0
     st.history = [{"epoch": 0, "perplexity": ev["perplexity"], "loss": None}]
@@ -162,14 +195,63 @@ def baseline(core: TrialCore, hooks: Hooks, log: TrialLog) -> None:
         + f"pruned perplexity (epoch 0) {ev['perplexity']:.2f}"
         + (f" ({trend(ev['perplexity'], dense)} vs dense)" if dense else "")
         + f", {ev['windows']} windows, {ev['tokens']} tokens, {ev['seconds']:.1f} s\n"
+        + format_sets(evals, core.spec.prepared.primary_set)
         + format_sparsity(summary, plan.sparsity, len(core.names))
         + format_recipe(core)
     )
     export_best(core, hooks)  # the pruned model is the best until training beats it
     check_stop(core, None, ev["perplexity"])
+    tasks = measure_tasks(core, hooks, log, final=False)
     hooks.report(core, eval_report(core, 0, ev, loss=None, tokens_per_s=None, epoch_steps=0,
-                                   sparsity_min=summary["min"], sparsity_max=summary["max"]),
+                                   sparsity_min=summary["min"], sparsity_max=summary["max"],
+                                   evals=evals, tasks=tasks),
                  save=False)
+
+
+def format_sets(evals: dict[str, dict], primary: str) -> str:
+    """The sets other than the primary, one line (empty with one set)."""
+    others = [f"{name} {ev['perplexity']:.2f} ({ev['windows']} windows, {ev['seconds']:.1f} s)"
+              for name, ev in evals.items() if name != primary]
+    return f"other sets: {', '.join(others)}\n" if others else ""
+
+
+def measure_tasks(core: TrialCore, hooks: Hooks, log: TrialLog, final: bool) -> list | None:
+    """Zero-shot task rows due now, tagged with the epoch of the model measured: the current
+    model at the baseline, at every epoch (``tasks_every: epoch``) or at the last one; and
+    at the last one also the best model when it was not measured already (read from its
+    export, ``checkpoint.export_best``). Every rank takes part (a collective); rank 0 gets
+    the rows, the others None."""
+    spec, st = core.spec, core.st
+    if spec.tasks is None or not (st.epoch == 0 or final or spec.tasks_every == "epoch"):
+        return None
+    rows = _tagged(core.measure_tasks, st.epoch)
+    best = st.best_epoch
+    if (final and spec.tasks_every != "epoch" and best not in (None, 0, st.epoch)
+            and spec.export_dir):
+        if core.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # rank 0 exported (and pushed) it before any rank reads it
+        store = getattr(hooks, "store", None)
+        if store is not None and not Path(spec.export_dir).is_dir():
+            store.ensure(Path(spec.export_dir))  # a node that did not export it
+        # Every rank measures (a collective); only rank 0 has rows to add.
+        best_rows = _tagged(lambda: core.measure_tasks(spec.export_dir), best)
+        rows = None if rows is None else rows + (best_rows or [])
+    if rows is not None:
+        log("tasks: " + ", ".join(
+            f"{r['task']} {r['metric']} {r['value']:.4f}"
+            + (f" +/- {r['stderr']:.4f}" if r["stderr"] is not None else "")
+            + (f" (best, epoch {r['epoch']})" if r["epoch"] != st.epoch else "")
+            for r in rows) + f", {sum({r['epoch']: r['seconds'] for r in rows}.values()):.1f} s")
+    return rows
+
+
+def _tagged(measure, epoch: int) -> list | None:
+    t0 = time.perf_counter()
+    rows = measure()
+    seconds = time.perf_counter() - t0
+    return None if rows is None else [{**r, "epoch": epoch, "seconds": seconds} for r in rows]
 
 
 def format_recipe(core: TrialCore) -> str:
@@ -229,6 +311,7 @@ def epoch(core: TrialCore, hooks: Hooks, log: TrialLog, progress: Progress) -> N
     mem_after, mem_peak, _ = memory_mb(core.device)
     st.epoch += 1
     ev = core.evaluate()
+    evals = core.evaluate_sets(ev)
     ppl = ev["perplexity"]
     core.measure_sparsity()
     improved = math.isfinite(ppl) and ppl < st.best
@@ -243,6 +326,8 @@ def epoch(core: TrialCore, hooks: Hooks, log: TrialLog, progress: Progress) -> N
         + format_memory(mem_before, mem_after, mem_peak, label)
         + f"\nEpoch {st.epoch}: {ppl:.2f} ({trend(ppl, st.baseline)} vs baseline "
         f"{st.baseline:.2f}), best {st.best:.2f} at epoch {st.best_epoch}, eval {ev['seconds']:.1f} s"
+        + ("\n" + format_sets(evals, core.spec.prepared.primary_set).rstrip("\n")
+           if len(evals) > 1 else "")
     )
     st.history.append({"epoch": st.epoch, "perplexity": ppl, "loss": loss})
     st.epoch_loss_sum, st.epoch_loss_steps, st.epoch_train_s = 0.0, 0, 0.0
@@ -251,9 +336,11 @@ def epoch(core: TrialCore, hooks: Hooks, log: TrialLog, progress: Progress) -> N
     check_stop(core, loss, ppl)
     if st.stopped:
         log(f"stopping: {st.stopped} ({st.stop_reason})")
+    tasks = measure_tasks(core, hooks, log, final=st.epoch >= plan.num_epochs or bool(st.stopped))
     fence(core, hooks)
     hooks.report(core, eval_report(core, st.epoch, ev, loss=loss,
-                                   tokens_per_s=tokens / max(train_s, 1e-9), epoch_steps=steps),
+                                   tokens_per_s=tokens / max(train_s, 1e-9), epoch_steps=steps,
+                                   evals=evals, tasks=tasks),
                  save=True)
 
 

@@ -53,6 +53,13 @@ class EvalReport:
     sparsity_max: float | None = None
     driver_attempt: int = 0  # the driver attempt that launched the trial (trainers/fence.py)
     kind: str = "eval"
+    # Every evaluation set, the primary included: {set: {perplexity, tokens, windows, seconds}}
+    # (the ``evals`` table); ``perplexity`` above is the primary set's.
+    evals: dict | None = None
+    # Zero-shot task rows measured with this report: [{epoch, task, metric, value, stderr,
+    # samples, num_fewshot, seconds}] (the ``tasks`` table); the final report also carries the
+    # best model's rows, under their own epoch. None: no tasks measured.
+    tasks: list | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +93,41 @@ EPOCH_COLUMNS: tuple[Column, ...] = (
     Column("node_id", "string", "report", "the Ray node of rank 0"),
     Column("driver_attempt", "int", "report",
            "the driver start (1 = first run, +1 per resume) whose workers produced the row"),
+    Column("timestamp", "timestamp", "driver"),
+)
+
+
+# The long tables: one row per (trial, epoch, set) and per (trial, epoch, task, metric), from
+# a report's ``evals`` and ``tasks``. The sweep's plan columns join them to the epochs table.
+EVAL_COLUMNS: tuple[Column, ...] = (
+    Column("sweep", "string", "driver", "the sweep's name"),
+    Column("trial_id", "string", "plan"),
+    Column("epoch", "int", "report", "0 = the baseline: pruned, before any training step"),
+    Column("set", "string", "report", "the evaluation set (eval.sets; eval.text's one set)"),
+    Column("perplexity", "float", "report"),
+    Column("dense_perplexity", "float", "driver", "the unpruned model on this set (once per sweep)"),
+    Column("improvement_pct", "float", "driver", "100 * (this set's baseline - perplexity) / baseline"),
+    Column("tokens", "int", "report", "tokens scored"),
+    Column("windows", "int", "report", "windows evaluated"),
+    Column("seconds", "float", "report", "time of this set's evaluation"),
+    Column("primary", "int", "driver", "1 for the primary set (the epochs table's perplexity)"),
+    Column("driver_attempt", "int", "report", "the driver start whose workers produced the row"),
+    Column("timestamp", "timestamp", "driver"),
+)
+
+TASK_COLUMNS: tuple[Column, ...] = (
+    Column("sweep", "string", "driver", "the sweep's name"),
+    Column("trial_id", "string", "plan"),
+    Column("epoch", "int", "report", "the model measured: 0 pruned, k after k epochs"),
+    Column("task", "string", "report", "the lm-eval task (or group)"),
+    Column("metric", "string", "report", "acc, acc_norm, ... ('metric,filter' for a filter)"),
+    Column("value", "float", "report"),
+    Column("stderr", "float", "report", "the harness's standard error (null when not computed)"),
+    Column("dense_value", "float", "driver", "the unpruned model's value (once per sweep)"),
+    Column("samples", "int", "report", "documents scored"),
+    Column("num_fewshot", "int", "report"),
+    Column("seconds", "float", "report", "time of the measurement (all tasks of it)"),
+    Column("driver_attempt", "int", "report", "the driver start whose workers produced the row"),
     Column("timestamp", "timestamp", "driver"),
 )
 

@@ -162,6 +162,34 @@ class CheckpointConfig:
     # Keep the best model so far in Hugging Face format (safetensors, masks applied) under
     # SWEEP_DIR/export/<trial>, rewritten whenever a trial beats its best (the baseline first).
     export_best: bool = True
+    # How the training state is stored. "sparse": each masked layer's weight and Adam moments
+    # as their kept entries only (the bytes follow the kept weights; trainers/sparse_state.py),
+    # restorable on the same number of workers only. "dense": the full
+    # torch.distributed.checkpoint of earlier versions. A resume restores either.
+    format: Literal["sparse", "dense"] = "sparse"
+    # sparse: write each checkpoint in a background thread; training waits only for the copy
+    # off the training tensors. It is registered at the next save point or the trial's end.
+    # (The YAML key is `async`, a Python keyword: a trailing "_" is dropped from key names.)
+    async_: bool = True
+    # async: take that copy in the background too, overlapping the next step's forward and
+    # backward (its optimizer step waits for the copy); off: the step loop takes the copy.
+    background_staging: bool = False
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    # lm-evaluation-harness task names (e.g. boolq, arc_easy, or a task of include_path),
+    # measured on the pruned model (epoch 0), the final and the best model; empty: none.
+    names: tuple[str, ...] = ()
+    # Few-shot examples per task (None: each task's default).
+    num_fewshot: int | None = 0
+    # The first N documents of each task (a number below 1: that fraction); None: all (what
+    # published numbers use).
+    limit: float | None = None
+    # A directory of task YAMLs (lm-eval's include_path), relative to the working directory.
+    include_path: str | None = None
+    # Requests per forward pass (an integer: every FSDP rank must run the same passes).
+    batch_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -223,6 +251,11 @@ class Prepared:
     weights: str | None = None
     # JSON: how the masks were made (method, per-block sparsities, calibration, seconds).
     recipe: str | None = None
+    # Every evaluation set as (name, safetensors windows file), the primary first (its file
+    # is eval_windows); empty: the primary alone, under primary_set.
+    eval_sets: tuple[tuple[str, str], ...] = ()
+    # The name the primary set is reported under (eval.primary).
+    primary_set: str = "text"
 
 
 @dataclass(frozen=True)
@@ -246,3 +279,10 @@ class TrialSpec:
     # (trainers/fence.py). 0 / None: not fenced (a trial run outside a sweep).
     attempt: int = 0
     attempts_dir: str | None = None
+    # Zero-shot tasks (lm-eval) and when: "final" (the pruned, final and best models) or
+    # "epoch" (every evaluation); None: no tasks.
+    tasks: TasksConfig | None = None
+    tasks_every: Literal["final", "epoch"] = "final"
+    # The directory relative task paths are read from (the one `sweep run` started in: a local
+    # task's YAML names its data files relative to it).
+    tasks_cwd: str | None = None

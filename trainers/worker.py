@@ -2,15 +2,16 @@
 
 All it adds to ``trainers.loop`` is Ray: the rank and device from Ray Train's context, reports
 and checkpoints through ``ray.train.report`` (every rank writes its shard to a local directory
-that Ray Train uploads as one checkpoint), the restore from ``ray.train.get_checkpoint``, who and
-where the report comes from, and the store pulls and pushes of an object-store sweep.
+that Ray Train uploads as one checkpoint; when and in which format: ``trainers.saving``), the
+restore from ``ray.train.get_checkpoint``, who and where the report comes from, and the store
+pulls and pushes of an object-store sweep.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import ray
@@ -21,26 +22,48 @@ from ray.train import Checkpoint
 
 from trainers.core import TrialCore, silence_transformers
 from trainers.loop import run_trial
+from trainers.saving import SavingHooks
 from trainers.spec import TrialSpec
 from trainers.storage import Store
 
 
-class RayHooks:
+class RayHooks(SavingHooks):
     def __init__(self, store: Store | None, world: int):
         self.store, self.world = store, world
 
     def report(self, core: TrialCore, metrics: dict, save: bool) -> None:
-        metrics = {**metrics, **identity(core.plan.trial_id)}
         if self.world > 1:
             dist.barrier()
         if metrics.get("kind") == "eval":
             self.push(core.spec.log_path)
-        if not (save and core.spec.checkpoint.enabled):
+        if save and core.spec.checkpoint.enabled:
+            self.save_point(core, metrics)
+        else:
+            self.send(core, metrics, None)
+
+    def fresh_dir(self, core: TrialCore) -> Path:
+        return Path(tempfile.mkdtemp(prefix="ckpt-"))
+
+    def send(self, core: TrialCore, metrics: dict, checkpoint: Path | None) -> None:
+        """``ray.train.report``. A checkpoint written in the step loop is uploaded before the
+        loop goes on, as before; one written in the background is uploaded in the background
+        too (Ray Train registers it once every rank's upload is done, and deletes the local
+        copy): the loop's next report waits for it, at most one save point later."""
+        metrics = {**metrics, **identity(core.plan.trial_id)}
+        if checkpoint is None:
             ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            core.save(Path(tmp), asdict(core.st))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        elif core.checkpointer is None:
+            try:
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint))
+            finally:
+                shutil.rmtree(checkpoint, ignore_errors=True)
+        else:
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint),
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                             delete_local_checkpoint_after_upload=True)
+
+    def discard(self, directory: Path) -> None:
+        shutil.rmtree(directory, ignore_errors=True)
 
     def restore(self, core: TrialCore) -> bool:
         ckpt = ray.train.get_checkpoint()
@@ -75,6 +98,8 @@ def localize(spec: TrialSpec, store: Store | None) -> TrialSpec:
     prep = spec.prepared
     pulled = {key: str(store.ensure(Path(getattr(prep, key))))
               for key in ("model_dir", "masks", "train_tokens", "eval_windows")}
+    pulled["eval_sets"] = tuple((name, str(store.ensure(Path(path))))
+                                for name, path in prep.eval_sets)
     return dataclasses.replace(spec, prepared=dataclasses.replace(prep, **pulled))
 
 
