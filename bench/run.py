@@ -27,6 +27,7 @@ def _benches():
     from bench.early_stop import bench_early_stop
     from bench.evaluation import bench_evaluation
     from bench.fsdp_memory import bench_fsdp_memory
+    from bench.metrics_cost import bench_metrics_cost
     from bench.trial import bench_fixed_cost, bench_trial_efficiency
     from bench.utilization import bench_utilization
 
@@ -39,11 +40,12 @@ def _benches():
         "early_stop": bench_early_stop,
         "checkpoint": bench_checkpoint,
         "end_to_end": bench_end_to_end,
+        "metrics_cost": bench_metrics_cost,
     }
 
 
 NAMES = ["trial_efficiency", "fixed_cost", "evaluation", "utilization", "fsdp_memory",
-         "early_stop", "checkpoint", "end_to_end"]
+         "early_stop", "checkpoint", "end_to_end", "metrics_cost"]
 
 
 def main(argv: list[str] | None = None) -> int:
