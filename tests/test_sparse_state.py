@@ -253,6 +253,47 @@ def test_background_staging_holds_the_optimizer_step_until_copied(tmp_path, monk
     assert not opt._optimizer_step_pre_hooks  # close() removed the hook
 
 
+def test_a_finished_write_is_sent_after_the_next_step_not_at_the_next_save(tmp_path, monkeypatch):
+    """``finished`` is False while the write runs and True once it is on disk; the save
+    point's ``poll`` after a training step then sends it (trainers/saving.py), so a crash
+    after that step resumes from it rather than from the checkpoint before."""
+    from types import SimpleNamespace
+
+    from trainers.saving import SavingHooks
+
+    masks = make_masks(tiny_model(), 0.5)
+    model, opt, pruned = trained(masks)
+    release = threading.Event()
+    real_save = ss.dcp.save
+
+    def held_save(*args, **kwargs):
+        assert release.wait(30)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ss.dcp, "save", held_save)
+    sent = []
+
+    class Hooks(SavingHooks):
+        def send(self, core, metrics, checkpoint):
+            sent.append(checkpoint)
+
+    with AsyncCheckpointer(model, opt, pruned) as ckpt:
+        core = SimpleNamespace(checkpointer=ckpt)
+        assert not ckpt.finished()  # nothing in flight
+        ckpt.save(tmp_path / "a", {"step": 2}, on_done=lambda d: sent.append(d))
+        step(model, opt, pruned, 2)
+        Hooks().poll(core)
+        assert ckpt.in_flight and not ckpt.finished() and sent == []  # still writing
+        release.set()
+        deadline = time.time() + 30
+        while ckpt.in_flight and time.time() < deadline:
+            time.sleep(0.01)
+        step(model, opt, pruned, 3)
+        Hooks().poll(core)
+        assert sent == [tmp_path / "a"] and is_complete(tmp_path / "a")
+        assert not ckpt.finished()  # sent: nothing in flight any more
+
+
 def test_only_one_save_in_flight(tmp_path, monkeypatch):
     masks = make_masks(tiny_model(), 0.5)
     model, opt, pruned = trained(masks, steps=1)

@@ -44,6 +44,9 @@ class Hooks(Protocol):
     def push(self, path: str | None) -> None:
         """A finished file or directory may be copied elsewhere (an object store)."""
 
+    def poll(self, core: TrialCore) -> None:
+        """After each training step (every rank): send a checkpoint whose write finished."""
+
     def flush(self, core: TrialCore) -> None:
         """Send the checkpoint still being written (at the trial's end; every rank)."""
 
@@ -279,6 +282,7 @@ def train_epoch(core: TrialCore, hooks: Hooks, progress: Progress) -> tuple[floa
     every = core.spec.checkpoint.every_steps
     while st.step < end:
         core.step()
+        hooks.poll(core)
         _injected_failure(plan.trial_id, st.step)
         progress(st.epoch, st.step)
         if every and st.step % every == 0 and st.step < end:

@@ -10,11 +10,15 @@ Written in the background (sparse and ``async``, ``TrialCore.checkpointer``): th
 point's metrics are sent at once without a checkpoint (Tune sees an evaluation when it
 happens), the state is copied and written off the step loop, and the finished checkpoint is
 sent with the metrics of the step it holds (kind "step", which the results callback and
-TensorBoard skip, and which repeats an evaluation schedulers have already seen) at the next
-save point, after that point's own metrics, or at the trial's end (``flush``). Ray Train
-uploads it in the background until the loop's next report. That call happens at the same step on every rank, so Ray Train's
-report, a barrier, lines up. A checkpoint that was never sent is never restored: after a
-crash a trial resumes from the last one sent. The fence is checked again before that send,
+TensorBoard skip, and which repeats an evaluation schedulers have already seen) after the
+first training step at which every rank has finished writing it (``poll``, one small
+all-reduce per step while a write is in flight), at the latest at the next save point
+(after that point's own metrics) or at the trial's end (``flush``). Ray Train uploads it in
+the background until the loop's next report. Each of those calls happens at the same step
+on every rank, so Ray Train's report, a barrier, lines up. A checkpoint that was never sent
+is never restored: after a crash a trial resumes from the last one sent, which is the last
+one written unless the crash came while the next was being written or in the step it
+finished. The fence is checked again before that send,
 so a worker orphaned while its write ran never registers it.
 """
 
@@ -80,6 +84,13 @@ class SavingHooks:
             self.discard(directory)
             raise
         self.send(core, metrics, directory)
+
+    def poll(self, core: TrialCore) -> None:
+        """After a training step (every rank): send the background write once it has
+        finished everywhere, so a crash soon after loses nothing it holds."""
+        checkpointer = core.checkpointer
+        if checkpointer is not None and checkpointer.finished():
+            checkpointer.wait()
 
     def flush(self, core: TrialCore) -> None:
         """Wait for the write in flight and send it (every rank, at the same point)."""

@@ -347,6 +347,9 @@ class AsyncCheckpointer:
         self._verified = False
         self._keep = keep_indices(pruned)
         self._group = dist.new_group(backend="gloo") if is_distributed() else None
+        # ``finished``'s agreement, from the training thread while the writer thread may be
+        # in a collective of ``_group``: a group of its own, so the two never interleave.
+        self._poll_group = dist.new_group(backend="gloo") if is_distributed() else None
         cuda = any(p.is_cuda for p in model.parameters())
         self._stager = DefaultStager(StagingOptions(
             use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False,
@@ -407,6 +410,16 @@ class AsyncCheckpointer:
     @property
     def in_flight(self) -> bool:
         return self._inflight is not None and not self._inflight[0].done()
+
+    def finished(self) -> bool:
+        """Whether the save in flight has been written on every rank (False when none is).
+        While one is in flight, a one-integer all-reduce over a gloo group of its own: every
+        rank calls it at the same step (saves start at the same step everywhere, so all
+        ranks agree whether one is in flight). Then ``wait`` returns at once and runs the
+        callback in step on every rank."""
+        if self._inflight is None:
+            return False
+        return _agree(self._inflight[0].done(), self._poll_group)
 
     def wait(self) -> Path | None:
         """Block until the save in flight is written; run its callback here; return its
