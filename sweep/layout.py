@@ -3,7 +3,8 @@
     SWEEP_DIR/
       sweep.yaml              the resolved config            sweep.json  fingerprint and name
       prep/                   once per sweep: train_tokens, eval_windows (one file per
-                              evaluation set), dense.json, masks/
+                              evaluation set), dense.json, masks/ (per recipe: masks,
+                              pruned weights, recipe .json, .baseline.json: epoch 0)
       tune/                   Ray Tune's experiment (tuner.pkl, one directory per trial)
       train/train-<trial>/    each trial's Ray Train run and its checkpoints
       results/                epochs.parquet, trials.parquet
@@ -64,7 +65,8 @@ class SweepLayout:
              layerwise: str = "uniform") -> Path:
         """Masks are shared by every batch size and objective of one (method, pattern,
         sparsity, layer-wise rule). Beside them: ``.weights.safetensors`` (the pruned layers'
-        weights, for methods that change them) and ``.json`` (how they were made)."""
+        weights, for methods that change them), ``.json`` (how they were made) and
+        ``.baseline.json`` (the pruned model's evaluation, epoch 0)."""
         parts = [method, pattern_label(pattern), None if layerwise == "uniform" else layerwise,
                  f"s{sparsity:g}"]
         return self.masks_dir / ("-".join(p for p in parts if p) + ".safetensors")
@@ -76,6 +78,12 @@ class SweepLayout:
     @staticmethod
     def recipe(mask: Path) -> Path:
         return mask.with_suffix(".json")
+
+    @staticmethod
+    def baseline(mask: Path) -> Path:
+        """The pruned model's evaluation on every set (epoch 0), measured once per recipe and
+        read by the recipe's trials."""
+        return mask.with_name(mask.name.replace(".safetensors", ".baseline.json"))
 
     @property
     def tune(self) -> Path:

@@ -174,12 +174,17 @@ def _non_default(values: dict, defaults: dict) -> dict:
     return out
 
 
+def trial_threads(cfg: SweepConfig) -> int:
+    """Torch threads per worker: ``resources.torch_threads``, else the worker's whole CPUs."""
+    r = cfg.resources
+    return r.torch_threads or max(1, math.floor(r.cpus_per_worker))
+
+
 def build_specs(cfg: SweepConfig, plans: list[TrialPlan], layout: SweepLayout,
                 prepared: Callable[[str], Prepared]) -> dict[str, TrialSpec]:
     """One frozen ``TrialSpec`` per trial: its plan, its prepared files (``prepared(trial_id)``),
     the config sections its workers read, and where it logs and exports."""
-    r = cfg.resources
-    threads = r.torch_threads or max(1, math.floor(r.cpus_per_worker))
+    threads = trial_threads(cfg)
     return {
         p.trial_id: TrialSpec(
             plan=p,

@@ -1,6 +1,7 @@
 """Per-sweep work, done once before the grid: the model as a plain local directory, the
-training tokens, the evaluation windows, the masks of every (method, pattern, sparsity), and
-the dense perplexity. Trials receive paths, never recomputation.
+training tokens, the evaluation windows, the masks of every (method, pattern, sparsity), the
+dense perplexity, and each recipe's baseline (the pruned model's perplexity, epoch 0, shared by
+every batch size and objective of the recipe). Trials receive paths, never recomputation.
 
 Each artefact is written atomically and reused when present, so a resumed sweep pays nothing.
 """
@@ -21,7 +22,9 @@ from eval.sets import windows_for
 from eval.text import load_text
 from sweep.config import SweepConfig, eval_sets, primary_set, to_dict
 from sweep.layout import SweepLayout
+from sweep.plan import trial_threads
 from sweep.preflight import input_error
+from trainers.core import baseline_matches, load_sets, measure_baseline, read_baseline
 from trainers.data import pack_blocks
 from trainers.files import atomic_write, write_json
 from trainers.model import cache_target, load_model, load_tokenizer, materialize
@@ -47,11 +50,14 @@ class Preparation:
     # The dense model's evaluation: perplexity, windows, tokens, seconds (the primary set),
     # model; "sets": every set's {perplexity, windows, tokens, seconds}; "tasks": task rows.
     dense: dict
-    pruned: dict[str, tuple[str, str | None, str]]  # trial id -> (masks, weights, recipe) files
+    # trial id -> (masks, weights, recipe, baseline) files
+    pruned: dict[str, tuple[str, str | None, str, str]]
     timings: dict[str, float]
     # Every evaluation set as (name, windows file), the primary first.
     eval_sets: tuple[tuple[str, str], ...] = ()
     primary: str = "text"
+    # One line per recipe: its baseline (epoch 0) on every set, measured now or reused.
+    baselines: tuple[str, ...] = ()
 
     @property
     def dense_perplexity(self) -> float | None:
@@ -59,9 +65,10 @@ class Preparation:
         return value if math.isfinite(value) else None
 
     def prepared(self, trial_id: str) -> Prepared:
-        masks, weights, recipe = self.pruned[trial_id]
+        masks, weights, recipe, baseline = self.pruned[trial_id]
         return Prepared(self.model_dir, self.train_tokens, self.eval_windows, masks,
-                        self.dense_perplexity, weights, recipe, self.eval_sets, self.primary)
+                        self.dense_perplexity, weights, recipe, self.eval_sets, self.primary,
+                        baseline)
 
 
 def recipe_of(cfg: SweepConfig, plan: TrialPlan) -> Recipe:
@@ -110,6 +117,29 @@ def _prune(cfg: SweepConfig, layout: SweepLayout, plan: TrialPlan, local_mc: Mod
     write_json(record_path, record)  # last: its presence means the recipe's files are complete
     timings[f"mask_{path.stem}_s"] = record["seconds"]
     return str(path), weights and str(weights), str(record_path)
+
+
+def _baseline(cfg: SweepConfig, layout: SweepLayout, prep: Prepared, device: torch.device,
+              timings: dict) -> tuple[str, str, bool]:
+    """The pruned model's evaluation on every set (epoch 0) of one recipe, measured once for
+    all its trials as they would measure it (trainers.core.measure_baseline), beside its
+    masks; an existing one is reused when it was measured for the same sets, evaluation batch,
+    workers and device (a resume that changed the workers measures it again). Returns the
+    file, its log line, and whether it was measured now."""
+    path = layout.baseline(Path(prep.masks))
+    workers = cfg.resources.workers
+    record = read_baseline(str(path))
+    windows = {name: int(w["input_ids"].shape[0]) for name, w in load_sets(prep).items()}
+    reused = baseline_matches(record, windows, cfg.eval.batch_size, workers, device)
+    if not reused:
+        record = measure_baseline(prep, cfg.eval.batch_size, workers, trial_threads(cfg), device)
+        write_json(path, record)
+        timings[f"baseline_{Path(prep.masks).stem}_s"] = sum(
+            ev["seconds"] for ev in record["sets"].values())
+    sets = ", ".join(f"{name} {ev['perplexity']:.2f} ({ev['windows']} windows, {ev['seconds']:.1f} s)"
+                     for name, ev in record["sets"].items())
+    return str(path), (f"baseline (epoch 0) {Path(prep.masks).stem}: {sets}"
+                       + ("; reused" if reused else "") + f" -> {path.name}"), not reused
 
 
 def prepare(cfg: SweepConfig, sweep_dir: str, cache_dir: str, plans: list[TrialPlan],
@@ -182,13 +212,23 @@ def prepare(cfg: SweepConfig, sweep_dir: str, cache_dir: str, plans: list[TrialP
         write_json(layout.dense, dense)
         del model
 
-    pruned = {p.trial_id: _prune(cfg, layout, p, local_mc, tokenizer, device, timings)
-              for p in plans}
+    recipes = {p.trial_id: _prune(cfg, layout, p, local_mc, tokenizer, device, timings)
+               for p in plans}
+    sets = tuple((name, str(path)) for name, path in windows.items())
+    # Each recipe's baseline once, whatever the number of its trials (batch sizes, objectives).
+    baselines = {}
+    for masks, weights, recipe in dict.fromkeys(recipes.values()):
+        files = Prepared(str(model_dir), str(layout.train_tokens), str(layout.eval_windows),
+                         masks, None, weights, recipe, sets, primary)
+        baselines[masks] = _baseline(cfg, layout, files, device, timings)
+    pruned = {tid: (*trio, baselines[trio[0]][0]) for tid, trio in recipes.items()}
     t = time.perf_counter()
-    files = sorted({Path(f) for trio in pruned.values() for f in trio if f})
+    # A baseline measured now replaces the store's (a resume with other workers measures again).
+    store.push(*(Path(path) for path, _, fresh in baselines.values() if fresh))
+    files = sorted({Path(f) for files in pruned.values() for f in files if f})
     store.push_missing(model_dir, layout.train_tokens, *windows.values(), layout.dense, *files)
     if store.remote:
         timings["push_s"] = time.perf_counter() - t
     return Preparation(str(model_dir), str(layout.train_tokens), str(layout.eval_windows),
-                       dense, pruned, timings,
-                       tuple((name, str(path)) for name, path in windows.items()), primary)
+                       dense, pruned, timings, sets, primary,
+                       tuple(line for _, line, _ in baselines.values()))

@@ -213,6 +213,8 @@ def _run(cfg: SweepConfig, store: Store, sweep_dir: Path, plans, address: str | 
             f"{prep.dense['perplexity']:.2f} ({prep.dense['windows']} windows, "
             f"{prep.dense['tokens']} tokens); model {prep.model_dir}"
         )
+        for line in prep.baselines:
+            log(line)
         ctx = DriverContext(
             specs=build_specs(cfg, plans, layout, prep.prepared), store=store, layout=layout,
             resources=cfg.resources, failure=cfg.failure, keep_last=cfg.checkpoint.keep_last,

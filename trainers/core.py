@@ -4,6 +4,8 @@ to Ray Train; tests and ``bench/`` call it directly (one process, or ranks they 
 
 Everything per-sweep (the materialized model, tokens, evaluation windows, masks, the dense
 perplexity) was prepared once before the grid; a trial only reads it (``TrialSpec.prepared``).
+So was each recipe's baseline (epoch 0): preparation builds and evaluates the pruned model with
+the functions below, as the recipe's trials would, once for all of them (``measure_baseline``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
-from eval.perplexity import evaluate
+from eval.perplexity import evaluate, nll_sum_sharded, perplexity
 from trainers.checkpoint import export_hf, load_training_state, save_training_state
 from trainers.data import micro_batches, pack_blocks, worker_batch
 from trainers.distill import ce_loss, make_loss_fn
@@ -25,6 +27,7 @@ from trainers.model import load_model
 from trainers.parallel import (
     all_reduce_sum,
     measured_sparsity,
+    one_rank_group,
     shard_masks,
     shard_model,
     sparsity_summary,
@@ -36,7 +39,7 @@ from trainers.sparse_state import (
     load_sparse_state,
     save_sparse_state,
 )
-from trainers.spec import ModelConfig, TrialSpec
+from trainers.spec import ModelConfig, Prepared, TrialSpec
 from trainers.step import lr_at, train_step
 
 
@@ -57,6 +60,93 @@ class LoopState:
     stopped: str | None = None  # "early_stopped" / "diverged"
     stop_reason: str | None = None
     attempt: int = 0  # the driver attempt that saved this state (trainers/fence.py)
+
+
+# What an evaluation set's record holds (the ``evals`` table's values, epoch 0 included).
+EVAL_KEYS = ("perplexity", "tokens", "windows", "seconds")
+
+
+def pruned_model(prep: Prepared) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The prepared model with its recipe applied (the pruned weights when the method changed
+    them, then the masks), and the masks: what a trial trains and preparation's baseline
+    measures, built one way."""
+    model = load_model(ModelConfig(name_or_path=prep.model_dir))
+    if prep.weights:
+        load_layer_weights(model, load_file(prep.weights))
+    masks = load_masks(prep.masks)
+    apply_masks(model, masks)
+    return model, masks
+
+
+def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """On the device and wrapped as a trial's ranks wrap it (FSDP2, bf16 compute on a GPU)."""
+    if device.type == "cuda":
+        model.to(device)
+    _, blocks = decoder_blocks(model)
+    return shard_model(model, blocks, mixed_precision=device.type == "cuda")
+
+
+def load_sets(prep: Prepared) -> dict[str, dict]:
+    """Every evaluation set's windows by name, the primary first."""
+    sets = {prep.primary_set: load_file(prep.eval_windows)}
+    sets.update((name, load_file(path)) for name, path in prep.eval_sets
+                if name != prep.primary_set)
+    return sets
+
+
+def measure_baseline(prep: Prepared, batch_size: int, world: int, threads: int,
+                     device: torch.device) -> dict:
+    """Epoch 0 of every trial of ``prep``'s recipe, measured once in one process: the pruned
+    model built and wrapped as a trial builds it (on a GPU inside a one-rank process group, so
+    with the same FSDP2 bf16 policy), with the trial's torch threads, and each set's windows
+    evaluated as a trial of ``world`` ranks evaluates them: each rank's share in the same
+    batches, the ranks' float64 sums added as the all-reduce adds them. So a trial that reads
+    it reports what it would have measured. Returns the record ``baseline_matches`` checks:
+    the conditions and every set's {perplexity, nll, tokens, windows, seconds}."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with one_rank_group(device):
+            model = shard(pruned_model(prep)[0], device)
+            sets = {name: _evaluate_as_ranks(model, w, batch_size, world)
+                    for name, w in load_sets(prep).items()}
+            del model  # before its process group goes
+    finally:
+        torch.set_num_threads(before)
+    return {"eval_batch_size": batch_size, "workers": world, "device": device.type,
+            "threads": threads, "sets": sets}
+
+
+def _evaluate_as_ranks(model: torch.nn.Module, windows: dict, batch_size: int,
+                       world: int) -> dict:
+    t0 = time.perf_counter()
+    nll, count = 0.0, 0
+    for rank in range(world):  # each rank's own totals (no collective), summed in rank order
+        r_nll, r_count = nll_sum_sharded(model, windows["input_ids"], windows["labels"], rank,
+                                         world, batch_size, all_reduce=lambda totals: None)
+        nll, count = nll + r_nll, count + r_count
+    return {"perplexity": perplexity(nll, count), "nll": nll, "tokens": count,
+            "windows": int(windows["input_ids"].shape[0]), "seconds": time.perf_counter() - t0}
+
+
+def baseline_matches(record: dict | None, windows: dict[str, int], batch_size: int, world: int,
+                     device: torch.device) -> bool:
+    """Whether a baseline record was measured for exactly these evaluation sets (name ->
+    window count), evaluation batch, number of ranks and kind of device; anything else (a
+    resume with more workers, a record of other sets) is measured again."""
+    if not record:
+        return False
+    sets = record.get("sets", {})
+    return (record.get("eval_batch_size") == batch_size and record.get("workers") == world
+            and record.get("device") == device.type and set(sets) == set(windows)
+            and all(sets[name].get("windows") == n for name, n in windows.items()))
+
+
+def read_baseline(path: str | None) -> dict | None:
+    """A baseline record (``Prepared.baseline``), or None when there is none to read."""
+    if not path or not Path(path).is_file():
+        return None
+    return json.loads(Path(path).read_text())
 
 
 def silence_transformers() -> None:
@@ -83,11 +173,7 @@ class TrialCore:
         """Load the prepared model (with the pruned weights when the method changed them),
         apply the masks, shard it, load the data, and for distillation the dense teacher."""
         prep = self.spec.prepared
-        model = load_model(ModelConfig(name_or_path=prep.model_dir))
-        if prep.weights:
-            load_layer_weights(model, load_file(prep.weights))
-        masks = load_masks(prep.masks)
-        apply_masks(model, masks)
+        model, masks = pruned_model(prep)
         self.names = sorted(masks)
         self.sizes = {n: m.numel() for n, m in masks.items()}
         self.model = self._shard(model)
@@ -96,11 +182,9 @@ class TrialCore:
             self.model.parameters(), lr=self.plan.lr, weight_decay=self.spec.train.weight_decay
         )
         self.blocks = pack_blocks(load_file(prep.train_tokens)["tokens"], self.spec.seq_len)
-        self.windows = load_file(prep.eval_windows)
-        # Every evaluation set's windows, the primary first (the same tensors as self.windows).
-        self.sets = {prep.primary_set: self.windows}
-        self.sets.update((name, load_file(path)) for name, path in prep.eval_sets
-                         if name != prep.primary_set)
+        # Every evaluation set's windows, the primary first (self.windows).
+        self.sets = load_sets(prep)
+        self.windows = self.sets[prep.primary_set]
         self.tokenizer = None  # loaded by the first task measurement
         self.recipe = json.loads(Path(prep.recipe).read_text()) if prep.recipe else {}
         self.teacher, self.loss_fn = None, ce_loss
@@ -122,10 +206,7 @@ class TrialCore:
                                  background_staging=ck.background_staging)
 
     def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.device.type == "cuda":
-            model.to(self.device)
-        _, blocks = decoder_blocks(model)
-        return shard_model(model, blocks, mixed_precision=self.device.type == "cuda")
+        return shard(model, self.device)
 
     # -- measuring ---------------------------------------------------------------------------
     def evaluate(self, name: str | None = None) -> dict:
@@ -148,8 +229,25 @@ class TrialCore:
         out = {}
         for name in self.sets:
             ev = primary if name == self.spec.prepared.primary_set else self.evaluate(name)
-            out[name] = {k: ev[k] for k in ("perplexity", "tokens", "windows", "seconds")}
+            out[name] = {k: ev[k] for k in EVAL_KEYS}
         return out
+
+    def shared_baseline(self) -> dict[str, dict] | None:
+        """Every set's epoch-0 evaluation as preparation measured it once for this recipe
+        (``Prepared.baseline``), in this trial's set order, when it was measured for exactly
+        this trial's sets, evaluation batch, ranks and device; None: evaluate here. The ranks
+        decide together: evaluating is a collective, one rank alone would wait forever."""
+        record = read_baseline(self.spec.prepared.baseline)
+        windows = {name: int(w["input_ids"].shape[0]) for name, w in self.sets.items()}
+        usable = baseline_matches(record, windows, self.spec.eval_batch_size, self.world,
+                                  self.device)
+        if self.world > 1:
+            votes = torch.tensor([float(usable)], dtype=torch.float64)
+            all_reduce_sum(votes)
+            usable = int(votes.item()) == self.world
+        if not usable:
+            return None
+        return {name: {k: record["sets"][name][k] for k in EVAL_KEYS} for name in self.sets}
 
     def measure_tasks(self, model_dir: str | None = None) -> list[dict] | None:
         """Zero-shot task rows of the model as it is now, or of the Hugging Face directory

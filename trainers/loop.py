@@ -180,11 +180,20 @@ def export_best(core: TrialCore, hooks: Hooks) -> None:
 
 
 def baseline(core: TrialCore, hooks: Hooks, log: TrialLog) -> None:
-    """Epoch 0: the pruned model before any training step."""
+    """Epoch 0: the pruned model before any training step. Its perplexity is the same for
+    every trial of the recipe, so preparation measured it once (``Prepared.baseline``); it is
+    evaluated here only when that measurement does not fit this trial (or there is none). Its
+    seconds (``eval_s``, the evals table's) are then the preparation's."""
     st, plan, dense = core.st, core.plan, core.spec.prepared.dense_perplexity
     summary = core.measure_sparsity()
-    ev = core.evaluate()
-    evals = core.evaluate_sets(ev)
+    evals = core.shared_baseline()
+    if evals is None:
+        ev = core.evaluate()
+        evals = core.evaluate_sets(ev)
+        when = f"{ev['seconds']:.1f} s"
+    else:
+        ev = evals[core.spec.prepared.primary_set]
+        when = f"measured once in preparation ({ev['seconds']:.1f} s)"
     st.baseline = st.best = ev["perplexity"]
     st.best_epoch = 0
     st.history = [{"epoch": 0, "perplexity": ev["perplexity"], "loss": None}]
@@ -197,7 +206,7 @@ def baseline(core: TrialCore, hooks: Hooks, log: TrialLog) -> None:
         + (f"dense perplexity {dense:.2f}\n" if dense else "")
         + f"pruned perplexity (epoch 0) {ev['perplexity']:.2f}"
         + (f" ({trend(ev['perplexity'], dense)} vs dense)" if dense else "")
-        + f", {ev['windows']} windows, {ev['tokens']} tokens, {ev['seconds']:.1f} s\n"
+        + f", {ev['windows']} windows, {ev['tokens']} tokens, {when}\n"
         + format_sets(evals, core.spec.prepared.primary_set)
         + format_sparsity(summary, plan.sparsity, len(core.names))
         + format_recipe(core)

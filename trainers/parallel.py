@@ -9,6 +9,9 @@ weights) and weights (after the step) is a local, exact operation.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -42,6 +45,22 @@ def shard_model(model: nn.Module, blocks: nn.ModuleList, mixed_precision: bool) 
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+@contextmanager
+def one_rank_group(device: torch.device) -> Iterator[None]:
+    """A process group of this process alone, for the length of the block, so a model on a GPU
+    sharded outside a trial (preparation measuring the baseline) is wrapped by ``shard_model``
+    exactly as a one-worker trial's: bf16 compute, like every trial on a GPU. Nothing on a CPU
+    (a single CPU rank is not wrapped) nor when a group exists already."""
+    if device.type != "cuda" or is_distributed():
+        yield
+        return
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -256,6 +256,10 @@ class Prepared:
     eval_sets: tuple[tuple[str, str], ...] = ()
     # The name the primary set is reported under (eval.primary).
     primary_set: str = "text"
+    # JSON: the pruned model's evaluation on every set (epoch 0), measured once per recipe in
+    # preparation and read instead of evaluating again when it was measured for this trial's
+    # sets, evaluation batch, workers and device; None: the trial evaluates it.
+    baseline: str | None = None
 
 
 @dataclass(frozen=True)

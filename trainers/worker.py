@@ -100,6 +100,8 @@ def localize(spec: TrialSpec, store: Store | None) -> TrialSpec:
               for key in ("model_dir", "masks", "train_tokens", "eval_windows")}
     pulled["eval_sets"] = tuple((name, str(store.ensure(Path(path))))
                                 for name, path in prep.eval_sets)
+    if prep.baseline:
+        pulled["baseline"] = str(store.ensure(Path(prep.baseline)))
     return dataclasses.replace(spec, prepared=dataclasses.replace(prep, **pulled))
 
 
