@@ -168,7 +168,8 @@ class CheckpointConfig:
     # torch.distributed.checkpoint of earlier versions. A resume restores either.
     format: Literal["sparse", "dense"] = "sparse"
     # sparse: write each checkpoint in a background thread; training waits only for the copy
-    # off the training tensors. It is registered at the next save point or the trial's end.
+    # off the training tensors. It is registered after the first step at which every rank has
+    # finished writing it (at the latest at the next save point or the trial's end).
     # (The YAML key is `async`, a Python keyword: a trailing "_" is dropped from key names.)
     async_: bool = True
     # async: take that copy in the background too, overlapping the next step's forward and
