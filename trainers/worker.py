@@ -100,8 +100,9 @@ def localize(spec: TrialSpec, store: Store | None) -> TrialSpec:
               for key in ("model_dir", "masks", "train_tokens", "eval_windows")}
     pulled["eval_sets"] = tuple((name, str(store.ensure(Path(path))))
                                 for name, path in prep.eval_sets)
-    if prep.baseline:
-        pulled["baseline"] = str(store.ensure(Path(prep.baseline)))
+    for key in ("weights", "recipe", "baseline"):  # files only some recipes have
+        if getattr(prep, key):
+            pulled[key] = str(store.ensure(Path(getattr(prep, key))))
     return dataclasses.replace(spec, prepared=dataclasses.replace(prep, **pulled))
 
 
