@@ -112,7 +112,7 @@ def test_report_query_and_plot_show_sets_and_tasks(sweep, tmp_path, capsys):
     assert "notes" in header and "next_word_local/acc" in header
     assert main(["query", str(sweep), "SELECT trial_id, epoch, set, perplexity FROM evals "
                  "WHERE set = 'notes' ORDER BY trial_id, epoch", "--format", "json"]) == 0
-    assert len(json.loads(capsys.readouterr().out)) == 6
+    assert len(json.loads(capsys.readouterr().out)) == 3 * len(TRIALS)  # epochs 0, 1, 2
     assert main(["query", str(sweep), "--table", "tasks", "--where", "metric = 'acc'"]) == 0
     assert "next_word_local" in capsys.readouterr().out
     out = tmp_path / "notes.png"
