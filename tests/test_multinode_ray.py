@@ -59,8 +59,9 @@ def test_trials_run_on_both_nodes(two_nodes, tmp_path):
     }
     assert {r["method"] for r in epochs} == {"magnitude", "wanda"}
     files = sorted(p.name for p in (sweep_dir / "prep" / "masks").iterdir())
-    # Once per mask, each with its recipe record; no pruned weights (neither method changes them).
-    assert files == ["magnitude-s0.5.json", "magnitude-s0.5.safetensors",
-                     "wanda-s0.5.json", "wanda-s0.5.safetensors"]
+    # Once per mask, each with its recipe record and its baseline (measured once, shared by the
+    # batch sizes); no pruned weights (neither method changes them).
+    assert files == [f"{m}-s0.5{ext}" for m in ("magnitude", "wanda")
+                     for ext in (".baseline.json", ".json", ".safetensors")]
     for r in epochs:
         assert r["sparsity_actual"] == pytest.approx(0.5, abs=1e-3)
