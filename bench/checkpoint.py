@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Row, format_table, ratio
+from bench.common import Row, format_table, ratio, stats
 
 REPEATS = 5
 SHAPE = dict(vocab_size=6144, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
@@ -61,10 +61,6 @@ def _step(model, opt, pruned, data, i: int) -> None:
 
 def _dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-
-
-def _stats(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 def _timed(fn, root: Path, repeats: int) -> list[float]:
@@ -133,7 +129,7 @@ def _bytes_rows(sparsity: float, root: Path, repeats: int) -> tuple[list[Row], t
             plain += _timed(lambda d: save_training_state(d, model, opt, state), root, 1)
         _zstd_save(model, opt, root / "zstd")
         z = _dir_bytes(root / "zstd")
-        zt, pt = _stats(times), _stats(plain)
+        zt, pt = stats(times), stats(plain)
         rows.append(Row(
             "checkpoint", f"today + zstd bytes at {pct}% sparsity (zstd / today)", "zstd",
             z / 2**20, "today", today / 2**20, ratio(z, today), unit="MiB",
@@ -201,7 +197,7 @@ def _stall_rows(setup, root: Path, repeats: int, sparsity: float, every: int = 4
     finally:
         for ckpt in ckpts.values():
             ckpt.close()
-    s, t = _stats(sync_sparse), _stats(sync_today)
+    s, t = stats(sync_sparse), stats(sync_today)
     pct = int(round(sparsity * 100))
 
     def fmt(x):
@@ -209,7 +205,7 @@ def _stall_rows(setup, root: Path, repeats: int, sparsity: float, every: int = 4
 
     rows = []
     for bg, label in ((False, "copy in loop"), (True, "copy in background")):
-        a = _stats(stalls[bg])
+        a = stats(stalls[bg])
         r = ratio(a["median"], s["median"])
         rows.append(Row(
             "checkpoint", f"save stall at {pct}%, {label} (async / sync sparse)", "async",
@@ -220,7 +216,7 @@ def _stall_rows(setup, root: Path, repeats: int, sparsity: float, every: int = 4
             details={"async_stall_s": a, "sync_sparse_s": s, "today_sync_s": t},
             a_stats=a, b_stats=s))
     if busy_steps and idle_steps:
-        b, d = _stats(busy_steps), _stats(idle_steps)
+        b, d = stats(busy_steps), stats(idle_steps)
         # What an async save costs the loop in all: its stall plus the time the steps it
         # overlapped lost to it (against the median idle step), per save, both modes pooled.
         extra = sum(x - d["median"] for x in busy_steps) / (2 * repeats)
